@@ -1,0 +1,59 @@
+"""bellaq: an AI task-queue engine with OpenAI-compatible batches, single tasks and named queues."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from bellaq.config import Settings
+
+__version__ = "0.1.0"
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The application factory: one Flask app per process (web or worker)."""
+    from bellaq.api import register_blueprints
+    from bellaq.errors import register_error_handlers
+    from bellaq.eventbus import EventBus
+    from bellaq.extensions import db
+    from bellaq.online import publish_completions
+    from bellaq.services import build_services
+
+    settings = settings or Settings.from_env()
+    app = Flask(__name__, instance_path=str(settings.instance_dir.resolve()))
+    app.config.update(
+        BELLAQ=settings,
+        SQLALCHEMY_DATABASE_URI=settings.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings.database_url),
+        MAX_CONTENT_LENGTH=settings.max_json_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False
+    app.json.compact = True
+    if settings.database_url.startswith("sqlite:///"):
+        settings.instance_dir.mkdir(parents=True, exist_ok=True)
+    db.init_app(app)
+    svc = build_services(settings)
+    app.extensions["bellaq"] = svc
+    app.extensions["bellaq.eventbus"] = EventBus(svc.redis, settings.redis_prefix, svc.instance_id)
+    svc.on_task_end.append(publish_completions)
+    register_error_handlers(app)
+    register_blueprints(app)
+    _install_plugins(app)
+    return app
+
+
+def _install_plugins(app: Flask) -> None:
+    """Hooks of the Celery side (dispatch, callbacks, batch progress), when it is installed."""
+    try:
+        from workers.hooks import install
+    except ModuleNotFoundError:
+        return
+    install(app)
+
+
+def engine_options(url: str) -> dict:
+    import bellaq.db  # noqa: F401  (SQLite pragmas)
+
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    return {"pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 20, "max_overflow": 40}

@@ -1,0 +1,113 @@
+"""The ``bellaq`` command: schema, keys, recovery, the dev stack, the mock upstream, batches."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from flask import Flask
+
+from bellaq import create_app
+
+
+def _app() -> Flask:
+    from bellaq.db import init_db
+
+    app = create_app()
+    init_db(app)
+    return app
+
+
+@click.group()
+def main() -> None:
+    """bellaq: an AI task-queue engine."""
+
+
+@main.group("db")
+def db_group() -> None:
+    """The SQL schema."""
+
+
+@db_group.command("init")
+def db_init() -> None:
+    """Create every table that does not exist yet (safe to run again)."""
+    _app()
+    click.echo("database ready")
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys."""
+
+
+@keys_group.command("create")
+@click.option("--role", type=click.Choice(["admin", "worker", "user"]), required=True)
+@click.option("--name", default="", help="A label for people.")
+@click.option("--owner", default=None, help="Tenant; keys with one owner share their objects.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole key object as JSON.")
+def keys_create(role: str, name: str, owner: str | None, as_json: bool) -> None:
+    """Create a key and print it (it is shown only this once)."""
+    from bellaq.keys import create_key, owner_secret
+
+    with _app().app_context():
+        row, raw = create_key(name, role, owner)
+        if as_json:
+            out = row.to_dict()
+            out.update(key=raw, webhook_secret=owner_secret(row.owner))
+            click.echo(json.dumps(out))
+        else:
+            click.echo(raw)
+
+
+@main.command("recover")
+def recover_cmd() -> None:
+    """Re-seed the queue engine from SQL after Redis lost its data."""
+    from bellaq.tasks import recover
+
+    with _app().app_context():
+        click.echo(f"re-seeded {recover()} tasks")
+
+
+@main.command("reap")
+def reap_cmd() -> None:
+    """Requeue expired leases and time out overdue tasks once (beat does this every few seconds)."""
+    from bellaq.tasks import reap
+
+    with _app().app_context():
+        click.echo(json.dumps(reap()))
+
+
+@main.command("mock-upstream", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def mock_upstream(ctx: click.Context) -> None:
+    """Run the OpenAI-compatible mock model server (see --help of it: --port, --latency, ...)."""
+    from bellaq.mock_upstream import main as mock_main
+
+    mock_main(list(ctx.args))
+
+
+@main.command("serve")
+@click.option("--port", type=int, default=None, help="Defaults to $PORT or 8080.")
+@click.option("--workers", type=int, default=None, help="Defaults to $WEB_CONCURRENCY or 2.")
+def serve(port: int | None, workers: int | None) -> None:
+    """Run the API with gunicorn and gevent workers (what the Procfile's web process runs)."""
+    import os
+
+    from bellaq.config import Settings
+
+    settings = Settings.from_env()
+    argv = [
+        sys.executable, "-m", "gunicorn", "bellaq.wsgi:app",
+        "--worker-class", "gevent",
+        "--workers", str(workers or settings.web_concurrency),
+        "--bind", f"0.0.0.0:{port or settings.port}",
+        "--worker-connections", "20000",
+        "--timeout", "120",
+        "--graceful-timeout", "30",
+    ]
+    os.execv(sys.executable, argv)
+
+
+if __name__ == "__main__":
+    main()

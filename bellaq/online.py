@@ -1,0 +1,142 @@
+"""The online response modes: ``blocking`` (a held request) and ``streaming`` (SSE)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, current_app, jsonify, stream_with_context
+
+from bellaq.eventbus import COMPLETION, PROGRESS, EventBus
+from bellaq.extensions import db
+from bellaq.keys import Principal
+from bellaq.models import Task
+from bellaq.models.tasks import CANCELLED, END_STATUSES
+from bellaq.tasks import end_as_timeout, new_task_id, put
+
+# How often a held request also looks at SQL, in case an event was missed.
+RECHECK_S = 5.0
+
+
+def bus() -> EventBus:
+    return current_app.extensions["bellaq.eventbus"]
+
+
+def _final_of(task_id: str) -> dict[str, Any] | None:
+    """The task's end as a completion payload, straight from SQL, if it has ended."""
+    db.session.expire_all()
+    row = db.session.execute(db.select(Task.status, Task.result).where(Task.id == task_id)).first()
+    db.session.rollback()  # hand the connection back: a held request must not pin one
+    if row is None or row.status not in END_STATUSES:
+        return None
+    return {"taskId": task_id, "status": row.status, "result": json.loads(row.result) if row.result else None}
+
+
+def _events(task: Task, waiter: queue.Queue) -> Iterator[dict[str, Any]]:
+    """Every event of the task until its completion; a timeout ends the task as ``timeout``."""
+    deadline = time.monotonic() + task.timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if end_as_timeout(task):
+                yield {"name": COMPLETION, "payload": {"taskId": task.id, "status": "timeout",
+                                                       "result": json.loads(task.result)}}
+                return
+            final = _final_of(task.id)
+            if final is not None:
+                yield {"name": COMPLETION, "payload": final}
+                return
+            deadline = time.monotonic() + RECHECK_S
+            continue
+        try:
+            event = waiter.get(timeout=min(remaining, RECHECK_S))
+        except queue.Empty:
+            final = _final_of(task.id)
+            if final is not None:
+                yield {"name": COMPLETION, "payload": final}
+                return
+            continue
+        yield event
+        if event.get("name") == COMPLETION:
+            return
+
+
+def _error_body(status: str, result: dict | None) -> tuple[int, dict]:
+    if result is not None:
+        return result.get("status_code", 500), result.get("body")
+    if status == CANCELLED:
+        return 409, {"error": {"message": "The task was cancelled before it finished.",
+                               "type": "invalid_request_error", "param": None, "code": "task_cancelled"}}
+    return 500, {"error": {"message": f"The task ended as {status} without a result.",
+                           "type": "server_error", "param": None, "code": "no_result"}}
+
+
+def blocking(principal: Principal, body: dict[str, Any]) -> Response:
+    """Hold the request until the task ends; answer with the upstream's status and body."""
+    task_id = new_task_id()
+    waiter = bus().register(task_id)
+    try:
+        task = put(principal, body, task_id=task_id)
+        for event in _events(task, waiter):
+            if event.get("name") == COMPLETION:
+                payload = event.get("payload") or {}
+                status_code, out = _error_body(payload.get("status", ""), payload.get("result"))
+                response = jsonify(out)
+                response.status_code = status_code
+                response.headers["X-Bella-Task-Id"] = task_id
+                return response
+        raise AssertionError("unreachable: events always end with a completion")
+    finally:
+        bus().unregister(task_id)
+
+
+def _sse(data: Any) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+def streaming(principal: Principal, body: dict[str, Any]) -> Response:
+    """Answer ``text/event-stream``: each progress event's data as it comes, then ``[DONE]``."""
+    task_id = new_task_id()
+    event_bus = bus()
+    waiter = event_bus.register(task_id)
+    try:
+        task = put(principal, body, task_id=task_id)
+    except Exception:
+        event_bus.unregister(task_id)
+        raise
+
+    def generate() -> Iterator[str]:
+        try:
+            for event in _events(task, waiter):
+                payload = event.get("payload") or {}
+                if event.get("name") == PROGRESS:
+                    yield _sse(payload.get("eventData"))
+                elif event.get("name") == COMPLETION:
+                    result = payload.get("result")
+                    status = payload.get("status", "")
+                    if result is None or not 200 <= result.get("status_code", 0) < 300:
+                        yield _sse(_error_body(status, result)[1])
+                    yield _sse("[DONE]")
+                    return
+        finally:
+            event_bus.unregister(task_id)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Bella-Task-Id": task_id}
+    return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
+
+
+def publish_completions(tasks: list[Task]) -> None:
+    """Task-end listener: tell the web process holding an online task that it ended."""
+    from bellaq.eventbus import completion_event
+
+    by_instance: dict[str, list[dict]] = {}
+    for task in tasks:
+        if task.instance_id and task.response_mode != "callback":
+            result = json.loads(task.result) if task.result else None
+            by_instance.setdefault(task.instance_id, []).append(completion_event(task.id, result, task.status))
+    for instance_id, events in by_instance.items():
+        bus().publish(instance_id, events)

@@ -1,0 +1,71 @@
+"""The per-process services every part uses: settings, Redis, the queue engine, file storage."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+from flask import current_app
+
+from bellaq.config import Settings
+from bellaq.ids import new_id
+from bellaq.queue_engine import QueueEngine
+
+if TYPE_CHECKING:
+    from bellaq.models import Task
+    from bellaq.storage import Storage
+
+TaskListener = Callable[[list["Task"]], None]
+WorkListener = Callable[[str, int, int], None]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    engine: QueueEngine
+    instance_id: str
+    # Called with tasks that just reached an end state (after the SQL commit).
+    on_task_end: list[TaskListener] = field(default_factory=list)
+    # Called with (queue, level, count) when tasks become takeable on a built-in queue.
+    on_work_ready: list[WorkListener] = field(default_factory=list)
+    _storage: Any = None
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            from bellaq.storage import storage_from_settings
+
+            self._storage = storage_from_settings(self.settings)
+        return self._storage
+
+    def task_ended(self, tasks: list[Task]) -> None:
+        for listener in self.on_task_end:
+            listener(tasks)
+
+    def work_ready(self, queue: str, level: int, count: int = 1) -> None:
+        for listener in self.on_work_ready:
+            listener(queue, level, count)
+
+    def key(self, *parts: str) -> str:
+        """A Redis key under this deployment's prefix (for things outside the engine)."""
+        return ":".join((self.settings.redis_prefix, *parts))
+
+
+def build_services(settings: Settings) -> Services:
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    instance_id = f"{socket.gethostname()}-{os.getpid()}-{new_id('', 4)}"
+    return Services(
+        settings=settings,
+        redis=client,
+        engine=QueueEngine(client, prefix=settings.redis_prefix),
+        instance_id=instance_id,
+    )
+
+
+def services() -> Services:
+    return current_app.extensions["bellaq"]

@@ -1,0 +1,362 @@
+"""The task service: put, get, cancel, take, complete, lease reaping and recovery.
+
+SQL is the source of truth; the queue engine (Redis) decides who runs what. Every end state
+is claimed in the engine first (one atomic script), so a task ends exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import update
+from sqlalchemy.orm.attributes import set_committed_value
+
+from bellaq.clock import now_ms
+from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable
+from bellaq.extensions import db
+from bellaq.ids import new_id
+from bellaq.keys import Principal
+from bellaq.models import Queue, Task
+from bellaq.models.tasks import (
+    CANCELLED,
+    END_STATUSES,
+    FAILED,
+    OPEN_STATUSES,
+    QUEUED,
+    RESPONSE_MODES,
+    SUCCEEDED,
+    TIMEOUT,
+    WAITING,
+)
+from bellaq.queue_engine import STRATEGIES, TakenTask
+from bellaq.queues import check_endpoint, full_queue, resolve_queue
+from bellaq.services import services
+from bellaq.urlguard import UnsafeURL, check_callback_url
+from bellaq.validation import choice_field, field, int_field
+
+MAX_LEVEL = 9
+MAX_TAKE = 1000
+
+
+def new_task_id() -> str:
+    return new_id("task_")
+
+
+def task_payload(task: Task) -> str:
+    """What the engine hands to a taker: the task without its mutable fields."""
+    return json.dumps({
+        "task_id": task.id,
+        "batch_id": task.batch_id or "",
+        "endpoint": task.endpoint,
+        "queue": task.queue,
+        "level": task.level,
+        "data": json.loads(task.data),
+        "response_mode": task.response_mode,
+        "callback_url": task.callback_url or "",
+        "instance_id": task.instance_id or "",
+        "timeout": task.timeout,
+        "start_time": task.start_time,
+        "expire_time": task.expire_time,
+    })
+
+
+def error_result(status_code: int, message: str, code: str, kind: str = "invalid_request_error") -> dict:
+    return {
+        "status_code": status_code,
+        "request_id": "",
+        "body": {"error": {"message": message, "type": kind, "param": None, "code": code}},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- put
+
+def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) -> Task:
+    """Validate a put, write the task to SQL and make it takeable; all or nothing."""
+    svc = services()
+    settings = svc.settings
+    endpoint = check_endpoint(field(body, "endpoint", str))
+    data = field(body, "data", dict)
+    queue_name = field(body, "queue", str, None)
+    level = int_field(body, "level", 0, 0, MAX_LEVEL)
+    mode = choice_field(body, "response_mode", RESPONSE_MODES, "callback")
+    callback_url = field(body, "callback_url", str, None)
+    timeout = int_field(body, "timeout", settings.default_task_timeout, 1, 7 * 24 * 3600)
+    if mode == "callback":
+        if not callback_url:
+            raise BadRequest("response_mode 'callback' needs a callback_url to POST the finished task to.",
+                             param="callback_url", code="missing_field")
+        try:
+            check_callback_url(callback_url, settings.callback_allow_private,
+                               [s for s in settings.callback_allowlist.split(",") if s.strip()])
+        except UnsafeURL as err:
+            raise BadRequest(str(err), param="callback_url", code="unsafe_callback_url") from None
+    queue = resolve_queue(endpoint, data.get("model"), queue_name)
+    start = now_ms()
+    task = Task(
+        id=task_id or new_task_id(),
+        owner=principal.owner,
+        batch_id="",
+        endpoint=endpoint,
+        queue=queue.name,
+        level=level,
+        data=json.dumps(data),
+        status=WAITING,
+        response_mode=mode,
+        callback_url=callback_url or "",
+        timeout=timeout,
+        instance_id=svc.instance_id if mode != "callback" else "",
+        start_time=start,
+        expire_time=start + timeout * 1000,
+        attempts=0,
+    )
+    db.session.add(task)
+    db.session.commit()
+    try:
+        svc.engine.enqueue(queue.name, level, task.id, task_payload(task), score=time.time_ns() // 1000)
+    except RedisError:
+        # The engine never saw it: take the row back so nothing half-written remains.
+        db.session.execute(db.delete(Task).where(Task.id == task.id))
+        db.session.commit()
+        raise Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.") from None
+    if queue.builtin:
+        svc.work_ready(queue.name, level, 1)
+    return task
+
+
+# ---------------------------------------------------------------------------------------------- read
+
+def owned_task(principal: Principal, task_id: str) -> Task:
+    """The task if the caller may see it; another owner's task is simply not found."""
+    task = db.session.get(Task, task_id)
+    if task is None or (principal.role == "user" and task.owner != principal.owner):
+        raise NotFound(f"No task with id '{task_id}'.", param="task_id", code="task_not_found")
+    return task
+
+
+def find_task(task_id: str) -> Task:
+    task = db.session.get(Task, task_id)
+    if task is None:
+        raise NotFound(f"No task with id '{task_id}'.", param="task_id", code="task_not_found")
+    return task
+
+
+# ---------------------------------------------------------------------------------------------- end
+
+def finish(tasks: Sequence[Task], status: str, result: dict | None = None,
+           results: dict[str, dict] | None = None) -> list[Task]:
+    """Write the end state of tasks the engine has already released; returns those that changed.
+
+    ``result`` is the same for every task; ``results`` maps a task id to its own result.
+    """
+    if not tasks:
+        return []
+    now = now_ms()
+    changed: list[Task] = []
+    rows = []
+    for task in tasks:
+        value = results.get(task.id) if results else result
+        rows.append({"id": task.id, "status": status, "completed_time": now,
+                     "result": json.dumps(value) if value is not None else None})
+    open_ids = {
+        tid for (tid,) in db.session.execute(
+            db.select(Task.id).where(Task.id.in_([t.id for t in tasks]), Task.status.in_(OPEN_STATUSES))
+        )
+    }
+    rows = [r for r in rows if r["id"] in open_ids]
+    if rows:
+        db.session.execute(update(Task), rows)
+    db.session.commit()
+    by_id = {r["id"]: r for r in rows}
+    for task in tasks:
+        if task.id in open_ids:
+            for name, value in by_id[task.id].items():
+                set_committed_value(task, name, value)
+            changed.append(task)
+    if changed:
+        services().task_ended(changed)
+    return changed
+
+
+def cancel(principal: Principal, task_id: str) -> Task:
+    task = owned_task(principal, task_id)
+    if task.status in END_STATUSES:
+        raise Conflict(f"Task '{task_id}' already ended as {task.status}; there is nothing to cancel.",
+                       param="task_id", code="task_already_ended")
+    services().engine.cancel(task.queue, task.level, task.id)
+    changed = finish([task], CANCELLED, None)
+    if not changed:
+        db.session.refresh(task)
+        raise Conflict(f"Task '{task_id}' already ended as {task.status}; there is nothing to cancel.",
+                       param="task_id", code="task_already_ended")
+    return task
+
+
+def end_as_timeout(task: Task) -> bool:
+    """End a task that ran out of time (a held request gave up on it). False if it already ended."""
+    outcome = services().engine.cancel(task.queue, task.level, task.id)
+    if outcome == "absent":
+        db.session.refresh(task)
+        if task.status in END_STATUSES:
+            return False
+    result = error_result(408, f"The task did not finish within its timeout of {task.timeout} s.", "timeout")
+    return bool(finish([task], TIMEOUT, result))
+
+
+def complete(task_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Record a worker's answer. Idempotent; refused (409) when nobody holds the task's lease."""
+    status_code = int_field(body, "status_code", None, 100, 599)
+    if status_code is None:
+        raise BadRequest("Missing required field 'status_code' (an integer).", param="status_code",
+                         code="missing_field")
+    request_id = field(body, "request_id", str, "")
+    result = {"status_code": status_code, "request_id": request_id, "body": body.get("body")}
+    task = find_task(task_id)
+    return complete_task(task, result)
+
+
+def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+    ok = 200 <= result["status_code"] < 300
+    outcome = services().engine.complete(task.queue, task.level, task.id, failed=not ok)
+    if outcome == "completed":
+        finish([task], SUCCEEDED if ok else FAILED, result)
+        return {"task_id": task.id, "completed": True, "status": task.status}
+    db.session.refresh(task)
+    if outcome == "already" or (task.status in (SUCCEEDED, FAILED) and task.result
+                                and json.loads(task.result).get("status_code") != 408):
+        return {"task_id": task.id, "completed": False, "status": task.status,
+                "message": "The task was already completed; this complete changed nothing."}
+    raise Conflict(
+        f"Task '{task.id}' is not leased to anyone (status: {task.status}); its result was dropped.",
+        param="task_id", code="not_leased",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- take
+
+def parse_take(body: dict[str, Any]) -> dict[str, Any]:
+    settings = services().settings
+    names = field(body, "queues", list)
+    if not names or len(names) > 100:
+        raise BadRequest("Field 'queues' must list 1 to 100 queues written name:level.", param="queues")
+    queues = []
+    for name in names:
+        if not isinstance(name, str):
+            raise BadRequest("Every entry of 'queues' must be a string name:level.", param="queues")
+        queues.append(full_queue(name))
+    return {
+        "queues": queues,
+        "size": int_field(body, "size", 1, 1, MAX_TAKE),
+        "strategy": choice_field(body, "strategy", STRATEGIES, "fifo"),
+        "process_timeout": int_field(body, "process_timeout", settings.default_process_timeout, 1, 7 * 86400),
+        "max_retries": int_field(body, "process_max_retries", settings.default_max_retries, -1, 1000),
+    }
+
+
+def take(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo", process_timeout: float = 300,
+         max_retries: int = 3) -> list[dict[str, Any]]:
+    """Lease up to ``size`` tasks by ``strategy`` and mark them queued; returns task objects."""
+    svc = services()
+    taken = svc.engine.take(queues, size, strategy, process_timeout, max_retries)
+    return mark_taken(taken)
+
+
+def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
+    now = now_ms()
+    out: list[dict[str, Any]] = []
+    overdue: list[TakenTask] = []
+    for item in taken:
+        task = json.loads(item.payload)
+        if task.get("expire_time") and not task.get("batch_id") and task["expire_time"] < now:
+            overdue.append(item)
+            continue
+        task.update(status=QUEUED, attempts=item.attempts, running_time=now, result=None, completed_time=None)
+        out.append(task)
+    if out:
+        db.session.execute(update(Task), [
+            {"id": t["task_id"], "status": QUEUED, "attempts": t["attempts"], "running_time": now} for t in out
+        ])
+        db.session.commit()
+    if overdue:
+        _end_overdue(overdue)
+    return out
+
+
+def _end_overdue(items: Sequence[TakenTask]) -> None:
+    engine = services().engine
+    for item in items:
+        engine.complete(item.queue, item.level, item.task_id, failed=True)
+    tasks = db.session.execute(db.select(Task).where(Task.id.in_([i.task_id for i in items]))).scalars().all()
+    for task in tasks:
+        finish([task], TIMEOUT, error_result(408, f"The task waited longer than its timeout of {task.timeout} s.",
+                                             "timeout"))
+
+
+# ------------------------------------------------------------------------------------------ reaping
+
+def reap(now: int | None = None) -> dict[str, int]:
+    """Put expired leases back (or fail them after their retries) and time out overdue waiting tasks."""
+    svc = services()
+    requeued = failed = timed_out = 0
+    builtin = {q.name for q in db.session.execute(db.select(Queue).where(Queue.builtin.is_(True))).scalars()}
+    for (queue, level), res in svc.engine.requeue_all_expired(now).items():
+        if res.requeued:
+            db.session.execute(
+                update(Task).where(Task.id.in_(res.requeued), Task.status == QUEUED).values(status=WAITING)
+            )
+            db.session.commit()
+            requeued += len(res.requeued)
+            if queue in builtin:
+                svc.work_ready(queue, level, len(res.requeued))
+        if res.failed:
+            tasks = db.session.execute(db.select(Task).where(Task.id.in_(res.failed))).scalars().all()
+            for task in tasks:
+                message = (f"The task's lease of process_timeout ran out {task.attempts} times without a "
+                           "complete; it will not be retried.")
+                failed += len(finish([task], FAILED, error_result(408, message, "lease_expired", "timeout")))
+    cutoff = now if now is not None else now_ms()
+    overdue = db.session.execute(
+        db.select(Task).where(Task.status == WAITING, Task.batch_id == "", Task.expire_time < cutoff).limit(1000)
+    ).scalars().all()
+    for task in overdue:
+        if svc.engine.cancel(task.queue, task.level, task.id) != "leased":
+            message = f"The task waited longer than its timeout of {task.timeout} s."
+            timed_out += len(finish([task], TIMEOUT, error_result(408, message, "timeout")))
+    return {"requeued": requeued, "failed": failed, "timed_out": timed_out}
+
+
+def recover(chunk: int = 2000) -> int:
+    """Re-seed the engine from SQL: every open task becomes takeable again, none twice."""
+    svc = services()
+    added = 0
+    ready: dict[tuple[str, int], int] = defaultdict(int)
+    builtin = {q.name for q in db.session.execute(db.select(Queue).where(Queue.builtin.is_(True))).scalars()}
+    last = ("", 0)
+    while True:
+        rows = db.session.execute(
+            db.select(Task).where(Task.status.in_(OPEN_STATUSES))
+            .where((Task.start_time > last[1]) | ((Task.start_time == last[1]) & (Task.id > last[0])))
+            .order_by(Task.start_time, Task.id).limit(chunk)
+        ).scalars().all()
+        if not rows:
+            break
+        groups: dict[tuple[str, int], list[Task]] = defaultdict(list)
+        for task in rows:
+            groups[(task.queue, task.level)].append(task)
+        for (queue, level), tasks in groups.items():
+            n = svc.engine.enqueue_many(
+                queue, level, [(t.id, task_payload(t), t.start_time * 1000) for t in tasks],
+                attempts={t.id: t.attempts for t in tasks},
+            )
+            added += n
+            if n and queue in builtin:
+                ready[(queue, level)] += n
+        last = (rows[-1].id, rows[-1].start_time)
+        db.session.expunge_all()
+    for (queue, level), n in ready.items():
+        svc.work_ready(queue, level, n)
+    return added

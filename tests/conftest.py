@@ -1,0 +1,152 @@
+"""Shared fixtures: a per-test Redis prefix, a per-test SQL database (SQLite or MariaDB), the app,
+keys of each role, and a real HTTP server around the app."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+import redis
+from flask import Flask
+from werkzeug.serving import make_server
+
+from bellaq import create_app
+from bellaq.config import Settings
+from bellaq.db import init_db
+
+REDIS_URL = os.environ.get("BELLAQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+MYSQL_HOST = os.environ.get("BELLAQ_TEST_MYSQL_HOST", "127.0.0.1")
+ADMIN_KEY = "bq-test-admin-key"
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start:start + 500])
+    client.close()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    prefix = f"bqt{uuid.uuid4().hex[:10]}"
+    yield prefix
+    delete_prefix(REDIS_URL, prefix)
+
+
+@pytest.fixture
+def mysql_url() -> Iterator[str]:
+    name = f"bq_test_{uuid.uuid4().hex[:10]}"
+    conn = pymysql.connect(host=MYSQL_HOST, user="root", password="", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    yield f"mysql+pymysql://root@{MYSQL_HOST}:3306/{name}?charset=utf8mb4"
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+def make_settings(tmp_path: Path, prefix: str, database_url: str, **changes: object) -> Settings:
+    base = Settings.from_env()
+    return base.replace(
+        instance_dir=tmp_path,
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        broker_url=REDIS_URL,
+        redis_prefix=prefix,
+        admin_key=ADMIN_KEY,
+        files_dir=str(tmp_path / "files"),
+        callback_allow_private=True,
+        **changes,
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bellaq.db'}"
+    return request.getfixturevalue("mysql_url")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_prefix: str, database_url: str) -> Settings:
+    return make_settings(tmp_path, redis_prefix, database_url)
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    init_db(app)
+    yield app
+    app.extensions["bellaq.eventbus"].stop()
+    with app.app_context():
+        from bellaq.extensions import db
+
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask):
+    return app.test_client()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def admin() -> dict[str, str]:
+    return auth(ADMIN_KEY)
+
+
+@pytest.fixture
+def make_key(app: Flask):
+    """make_key(role, owner=None) -> headers of a new key of that role."""
+    from bellaq.keys import create_key
+
+    def make(role: str, owner: str | None = None, name: str = "") -> dict[str, str]:
+        with app.app_context():
+            _row, raw = create_key(name or role, role, owner)
+        return auth(raw)
+
+    return make
+
+
+@pytest.fixture
+def user(make_key) -> dict[str, str]:
+    return make_key("user")
+
+
+@pytest.fixture
+def worker(make_key) -> dict[str, str]:
+    return make_key("worker")
+
+
+class LiveServer:
+    """The app behind a real threaded WSGI server on a free port."""
+
+    def __init__(self, app: Flask) -> None:
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[LiveServer]:
+    with LiveServer(app) as server:
+        yield server
