@@ -65,8 +65,11 @@ def recover_cmd() -> None:
     """Re-seed the queue engine from SQL after Redis lost its data."""
     from bellaq.tasks import recover
 
+    from bellaq.services import services
+
     with _app().app_context():
         click.echo(f"re-seeded {recover()} tasks")
+        services().set_engine_marker()
 
 
 @main.command("reap")

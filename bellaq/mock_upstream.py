@@ -34,7 +34,6 @@ import struct
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -135,11 +134,7 @@ class MockState:
         with self._lock:
             self._count += 1
             if self.record:
-                headers = {
-                    k[5:].replace("_", "-").title(): str(v)
-                    for k, v in environ.items()
-                    if k.startswith("HTTP_")
-                }
+                headers = {k[5:].replace("_", "-").title(): str(v) for k, v in environ.items() if k.startswith("HTTP_")}
                 self._requests.append(RecordedRequest(method, path, body, headers, time.time()))
 
     @property
@@ -181,7 +176,7 @@ def _status_line(status: int) -> str:
 
 
 def _request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    return "req_" + os.urandom(12).hex()
 
 
 def _digest(raw: bytes) -> str:
@@ -333,9 +328,7 @@ class MockUpstreamApp:
             extra.append(("Retry-After", _format_seconds(retry_after)))
         return self._json(start_response, status, error_body(status, message, param), extra)
 
-    def _sse(
-        self, start_response: StartResponse, events: Iterator[dict[str, Any]], delay: float
-    ) -> Iterator[bytes]:
+    def _sse(self, start_response: StartResponse, events: Iterator[dict[str, Any]], delay: float) -> Iterator[bytes]:
         start_response(
             "200 OK",
             [
@@ -525,9 +518,7 @@ class MockUpstreamApp:
         self, start_response: StartResponse, body: dict[str, Any], raw: bytes, model: str, delay: float
     ) -> Iterable[bytes]:
         prompt = body.get("prompt")
-        if isinstance(prompt, str) or (
-            isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-        ):
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
             prompts = prompt
@@ -630,9 +621,7 @@ class MockUpstreamApp:
             )
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
-            return self._error(
-                start_response, 400, "'encoding_format' must be 'float' or 'base64'.", "encoding_format"
-            )
+            return self._error(start_response, 400, "'encoding_format' must be 'float' or 'base64'.", "encoding_format")
         data = []
         for index, text in enumerate(inputs):
             vector: Any = _embedding(text, dim)
@@ -731,9 +720,7 @@ class MockUpstream:
             def log(self, type: str, message: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self._server = make_server(
-            self.host, self._port, self.app, threaded=True, request_handler=_QuietHandler
-        )
+        self._server = make_server(self.host, self._port, self.app, threaded=True, request_handler=_QuietHandler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -817,6 +804,26 @@ def _raise_nofile_limit() -> None:
         pass
 
 
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """In a forked server process: exit once the parent is gone."""
+    import gevent
+
+    while os.getppid() == parent_pid:
+        gevent.sleep(1.0)
+    os._exit(0)
+
+
+def _serve_on(listener: Any, state: MockState, signals: tuple[int, ...]) -> None:
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    server = WSGIServer(listener, MockUpstreamApp(state), log=None)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    for signum in signals if in_main_thread else ():  # stop gracefully, no KeyboardInterrupt in the hub
+        gevent.signal_handler(signum, lambda: gevent.spawn(server.stop, 1))
+    server.serve_forever()
+
+
 def serve(
     port: int,
     host: str = "127.0.0.1",
@@ -827,28 +834,75 @@ def serve(
     stream_chunk_delay: float = 0.0,
     seed: int | None = None,
     backlog: int = 4096,
+    processes: int = 1,
 ) -> None:
     """Serve the mock with gevent's pywsgi until interrupted (one greenlet per connection).
 
-    Sleeps use ``gevent.sleep``, so this works with or without monkey-patching.
+    Sleeps use ``gevent.sleep``, so this works with or without monkey-patching. With
+    ``processes > 1`` the listening socket is shared by that many forked processes (POSIX only);
+    each has its own knobs and counters, and the children stop when the parent does.
     """
+    import signal
+
     import gevent
-    from gevent.pywsgi import WSGIServer
+    from gevent import socket as gsocket
 
     _raise_nofile_limit()
-    state = MockState(
-        latency, error_rate, error_status, retry_after, stream_chunk_delay, seed, sleep=gevent.sleep
-    )
-    server = WSGIServer((host, port), MockUpstreamApp(state), backlog=backlog, log=None)
-    server.start()
-    bound_host, bound_port = server.address[:2]
+    family = gsocket.AF_INET6 if ":" in host else gsocket.AF_INET
+    listener = gsocket.socket(family, gsocket.SOCK_STREAM)
+    listener.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(backlog)
+    bound_host, bound_port = listener.getsockname()[:2]
     print(
-        f"bellaq mock upstream on http://{bound_host}:{bound_port} (pid {os.getpid()}, latency={latency}, "
-        f"error_rate={error_rate}, error_status={error_status}, retry_after={retry_after})",
+        f"bellaq mock upstream on http://{bound_host}:{bound_port} (pid {os.getpid()}, "
+        f"processes={processes}, latency={latency}, error_rate={error_rate}, "
+        f"error_status={error_status}, retry_after={retry_after})",
         file=sys.stderr,
         flush=True,
     )
-    server.serve_forever()
+
+    def make_state(index: int) -> MockState:
+        return MockState(
+            latency,
+            error_rate,
+            error_status,
+            retry_after,
+            stream_chunk_delay,
+            None if seed is None else seed + index,
+            sleep=gevent.sleep,
+        )
+
+    parent = os.getpid()
+    children: list[int] = []
+    for index in range(1, max(1, processes)):
+        pid = gevent.fork()
+        if pid == 0:
+            code = 0
+            try:
+                gevent.spawn(_exit_when_orphaned, parent)
+                _serve_on(listener, make_state(index), (signal.SIGINT,))
+            except KeyboardInterrupt:
+                pass
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    try:
+        _serve_on(listener, make_state(0), (signal.SIGINT, signal.SIGTERM))
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        listener.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -857,14 +911,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=18999, help="port to listen on (default 18999)")
     p.add_argument("--latency", type=float, default=0.0, help="seconds to wait before answering")
-    p.add_argument(
-        "--error-rate", type=float, default=0.0, help="fraction of requests answered with an error"
-    )
+    p.add_argument("--error-rate", type=float, default=0.0, help="fraction of requests answered with an error")
     p.add_argument("--error-status", type=int, default=500, help="status of those errors (e.g. 429, 500)")
     p.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds on error answers")
     p.add_argument("--stream-chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     p.add_argument("--seed", type=int, default=None, help="random seed for error_rate")
     p.add_argument("--backlog", type=int, default=4096, help="listen backlog")
+    p.add_argument("--processes", type=int, default=1, help="server processes sharing the port (default 1)")
     return p
 
 
@@ -886,6 +939,7 @@ def main(argv: list[str] | None = None) -> None:
             stream_chunk_delay=args.stream_chunk_delay,
             seed=args.seed,
             backlog=args.backlog,
+            processes=args.processes,
         )
     except KeyboardInterrupt:
         pass

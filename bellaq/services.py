@@ -51,6 +51,13 @@ class Services:
         for listener in self.on_work_ready:
             listener(queue, level, count)
 
+    def engine_marker_present(self) -> bool:
+        """False once Redis has lost its data (the marker is set after every recovery)."""
+        return bool(self.redis.exists(self.key("engine", "seeded")))
+
+    def set_engine_marker(self) -> None:
+        self.redis.set(self.key("engine", "seeded"), "1")
+
     def key(self, *parts: str) -> str:
         """A Redis key under this deployment's prefix (for things outside the engine)."""
         return ":".join((self.settings.redis_prefix, *parts))

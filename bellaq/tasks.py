@@ -236,6 +236,21 @@ def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def complete_many(results: dict[str, dict[str, Any]]) -> int:
+    """Complete tasks leased by built-in workers: each claimed in the engine, then one SQL write
+    per end status. Tasks nobody holds any more (cancelled, timed out) are dropped."""
+    if not results:
+        return 0
+    engine = services().engine
+    rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
+    by_status: dict[str, list[Task]] = defaultdict(list)
+    for task in rows:
+        ok = 200 <= results[task.id]["status_code"] < 300
+        if engine.complete(task.queue, task.level, task.id, failed=not ok) == "completed":
+            by_status[SUCCEEDED if ok else FAILED].append(task)
+    return sum(len(finish(group, status, results=results)) for status, group in by_status.items())
+
+
 # ---------------------------------------------------------------------------------------------- take
 
 def parse_take(body: dict[str, Any]) -> dict[str, Any]:

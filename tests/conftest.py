@@ -150,3 +150,40 @@ class LiveServer:
 def live_server(app: Flask) -> Iterator[LiveServer]:
     with LiveServer(app) as server:
         yield server
+
+
+@pytest.fixture
+def mock_upstream():
+    """The project's OpenAI-compatible mock, a real HTTP server in a thread."""
+    from bellaq.mock_upstream import MockUpstream
+
+    with MockUpstream() as mock:
+        yield mock
+
+
+@pytest.fixture
+def celery_worker(app: Flask, settings: Settings, mock_upstream):
+    """A real Celery worker (in this process, thread pool) bound to the test app, calling the mock."""
+    from celery.contrib.testing.worker import start_worker
+
+    from workers.celery_app import bind, celery
+
+    settings.upstream_base_url = mock_upstream.base_url
+    bind(app)
+    with start_worker(celery, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING",
+                      shutdown_timeout=30) as worker:
+        yield worker
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)

@@ -212,9 +212,7 @@ def test_non_json_answer_is_wrapped() -> None:
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     try:
-        result = UpstreamClient(f"http://127.0.0.1:{port}", max_attempts=2, backoff_base=0.01).call(
-            CHAT_PATH, CHAT
-        )
+        result = UpstreamClient(f"http://127.0.0.1:{port}", max_attempts=2, backoff_base=0.01).call(CHAT_PATH, CHAT)
     finally:
         thread.join(timeout=5)
         listener.close()
@@ -228,6 +226,41 @@ def test_non_json_answer_is_wrapped() -> None:
             "code": None,
         }
     }
+
+
+def test_call_with_stream_true_aggregates(mock: MockUpstream) -> None:
+    result = client_for(mock).call(CHAT_PATH, {**CHAT, "stream": True})
+    assert result.status_code == 200
+    assert result.body["object"] == "chat.completion"
+    assert result.body["choices"][0]["message"]["content"] == "echo: one two three four five"
+
+
+def test_2xx_non_json_is_502() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            page = b"<html>please log in</html>"
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                b"Content-Length: " + str(len(page)).encode() + b"\r\n\r\n" + page
+            )
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        result = UpstreamClient(f"http://127.0.0.1:{port}").call(CHAT_PATH, CHAT)
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+    assert (result.status_code, result.attempts) == (502, 1)
+    assert result.body["error"]["type"] == "upstream_error"
+    assert "please log in" in result.body["error"]["message"]
 
 
 # --------------------------------------------------------------------------- stream
@@ -290,9 +323,7 @@ def test_stream_retries_before_first_chunk(mock: MockUpstream) -> None:
 
 
 def test_stream_error_gives_single_done(mock: MockUpstream) -> None:
-    chunks, done, _ = collect(
-        client_for(mock).stream(CHAT_PATH, {**CHAT, "stream": True, "mock_status": 400})
-    )
+    chunks, done, _ = collect(client_for(mock).stream(CHAT_PATH, {**CHAT, "stream": True, "mock_status": 400}))
     assert chunks == []
     assert done.result is not None
     assert (done.result.status_code, done.result.attempts) == (400, 1)
@@ -330,13 +361,9 @@ def test_stream_from_http10_server_without_chunking() -> None:
         with conn:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
-            conn.sendall(
-                ("data: " + base + '"delta":{"role":"assistant","content":"hi"}}]}\r\n\r\n').encode()
-            )
+            conn.sendall(("data: " + base + '"delta":{"role":"assistant","content":"hi"}}]}\r\n\r\n').encode())
             release.wait(5)  # held until the client saw the first chunk
-            conn.sendall(
-                ("data: " + base + '"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n').encode()
-            )
+            conn.sendall(("data: " + base + '"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n').encode())
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
@@ -369,9 +396,7 @@ def test_aggregate_tool_calls() -> None:
     body = aggregate_chunks(
         [
             chunk({"role": "assistant", "content": None}),
-            chunk(
-                {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}]}
-            ),
+            chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}]}),
             chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]}),
             chunk({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}),
             chunk({}, "tool_calls"),

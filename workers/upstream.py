@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Literal
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -31,7 +31,7 @@ __all__ = [
     "retry_after_seconds",
 ]
 
-POOL_MAXSIZE = 100
+POOL_MAXSIZE = int(os.environ.get("BELLAQ_UPSTREAM_POOL_MAXSIZE", "100"))
 CONNECT_TIMEOUT = 10.0
 ERROR_SNIPPET_CHARS = 500
 READ_BLOCK = 65536
@@ -57,7 +57,7 @@ class StreamEvent:
     """One event of :meth:`UpstreamClient.stream`: a ``"chunk"`` (``data``) or the final ``"done"``
     (``result``)."""
 
-    kind: str
+    kind: Literal["chunk", "done"]
     data: dict[str, Any] | None = None
     result: UpstreamResult | None = None
 
@@ -120,6 +120,36 @@ def _parse_body(content: bytes) -> Any:
     except ValueError:
         text = content[:ERROR_SNIPPET_CHARS].decode("utf-8", errors="replace").strip()
         return _error_envelope(text or "the upstream answered with an empty, non-JSON body")
+
+
+def _result_from(resp: requests.Response, content: bytes, attempts: int) -> UpstreamResult:
+    """The result of a whole (non-streamed) answer.
+
+    A 2xx SSE answer is aggregated like :meth:`UpstreamClient.stream` does; a 2xx answer that is
+    not JSON becomes a 502 (the caller must not take an error page for a model answer).
+    """
+    request_id = resp.headers.get("x-request-id") or _new_request_id()
+    status = resp.status_code
+    if 200 <= status < 300:
+        if "text/event-stream" in resp.headers.get("content-type", ""):
+            chunks = []
+            for payload in _sse_data(iter([content])):
+                if payload.strip() == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    continue
+                if isinstance(chunk, dict):
+                    chunks.append(chunk)
+            return UpstreamResult(status, aggregate_chunks(chunks), request_id, attempts)
+        try:
+            return UpstreamResult(status, json.loads(content), request_id, attempts)
+        except ValueError:
+            snippet = content[:ERROR_SNIPPET_CHARS].decode("utf-8", errors="replace").strip()
+            body = _error_envelope(f"upstream answered {status} with a body that is not JSON: {snippet!r}")
+            return UpstreamResult(502, body, request_id, attempts)
+    return UpstreamResult(status, _parse_body(content), request_id, attempts)
 
 
 def _is_retryable_status(status: int) -> bool:
@@ -337,12 +367,7 @@ class UpstreamClient:
             except requests.exceptions.RequestException as exc:
                 reason = f"{type(exc).__name__} calling {url}: {exc}"
             else:
-                last = UpstreamResult(
-                    status_code=resp.status_code,
-                    body=_parse_body(content),
-                    request_id=resp.headers.get("x-request-id") or _new_request_id(),
-                    attempts=attempts,
-                )
+                last = _result_from(resp, content, attempts)
                 if not _is_retryable_status(resp.status_code):
                     return None, last, attempts, ""
                 retry_after = _retry_after_from_headers(resp.headers)
@@ -369,9 +394,7 @@ class UpstreamClient:
         _, result, attempts, reason = self._send(endpoint, data, deadline, stream=False)
         return self._final(result, attempts, reason)
 
-    def stream(
-        self, endpoint: str, data: dict[str, Any], deadline: float | None = None
-    ) -> Iterator[StreamEvent]:
+    def stream(self, endpoint: str, data: dict[str, Any], deadline: float | None = None) -> Iterator[StreamEvent]:
         """POST a streaming request; yield a ``chunk`` event per SSE ``data:`` object as it
         arrives, then one ``done`` event whose result body is the aggregated object.
 
@@ -388,11 +411,7 @@ class UpstreamClient:
             content_type = resp.headers.get("content-type", "")
             if "text/event-stream" not in content_type:
                 # the upstream ignored "stream": answer with what it sent
-                body = _parse_body(resp.content)
-                yield StreamEvent(
-                    kind="done",
-                    result=UpstreamResult(resp.status_code, body, request_id, attempts),
-                )
+                yield StreamEvent(kind="done", result=_result_from(resp, resp.content, attempts))
                 return
             yield from self._read_sse(resp, request_id, attempts, deadline)
         finally:
@@ -416,9 +435,7 @@ class UpstreamClient:
                 try:
                     chunk = json.loads(payload)
                 except ValueError:
-                    yield failed(
-                        502, f"upstream sent a non-JSON stream event: {payload[:200]!r}", "bad_stream"
-                    )
+                    yield failed(502, f"upstream sent a non-JSON stream event: {payload[:200]!r}", "bad_stream")
                     return
                 if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                     body = chunk if isinstance(chunk.get("error"), dict) else _error_envelope(str(chunk))
@@ -438,9 +455,7 @@ class UpstreamClient:
                 "stream_broken",
             )
             return
-        finished = any(
-            c.get("finish_reason") is not None for chunk in chunks for c in (chunk.get("choices") or [])
-        )
+        finished = any(c.get("finish_reason") is not None for chunk in chunks for c in (chunk.get("choices") or []))
         if not got_done and not finished:
             yield failed(502, f"upstream stream ended early, after {len(chunks)} chunks", "stream_broken")
             return
