@@ -111,6 +111,8 @@ def streaming(principal: Principal, body: dict[str, Any]) -> Response:
 
     def generate() -> Iterator[str]:
         try:
+            # An SSE comment sends the headers now: the client knows the task is accepted.
+            yield ": accepted\n\n"
             for event in _events(task, waiter):
                 payload = event.get("payload") or {}
                 if event.get("name") == PROGRESS:

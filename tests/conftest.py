@@ -187,3 +187,13 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, redis_prefix: str, mock_upstream):
+    """gunicorn (gevent) and Celery workers in subprocesses, on SQLite, calling the mock upstream."""
+    from tests.stack import Stack
+
+    deployment = Stack(tmp_path, redis_prefix, f"sqlite:///{tmp_path / 'stack.db'}", mock_upstream.base_url)
+    yield deployment
+    deployment.stop()

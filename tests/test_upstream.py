@@ -338,6 +338,17 @@ def test_stream_connection_refused() -> None:
     assert (done.result.status_code, done.result.attempts) == (504, 2)
 
 
+def test_stream_deadline_while_streaming(mock: MockUpstream) -> None:
+    mock.stream_chunk_delay = 0.3
+    client = client_for(mock)
+    chunks, done, total = collect(client.stream(CHAT_PATH, {**CHAT, "stream": True}, deadline=time.monotonic() + 0.5))
+    assert 1 <= len(chunks) <= 3
+    assert total < 1.5
+    assert done.result is not None
+    assert done.result.status_code == 504
+    assert done.result.body["error"]["code"] == "deadline_exceeded"
+
+
 def test_stream_completions(mock: MockUpstream) -> None:
     body = {"model": "m", "prompt": "hello streaming world", "stream": True}
     chunks, done, _ = collect(client_for(mock).stream("/v1/completions", body))

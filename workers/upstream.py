@@ -31,7 +31,7 @@ __all__ = [
     "retry_after_seconds",
 ]
 
-POOL_MAXSIZE = int(os.environ.get("BELLAQ_UPSTREAM_POOL_MAXSIZE", "100"))
+POOL_MAXSIZE = int(os.environ.get("BELLAQ_UPSTREAM_POOL_MAXSIZE", "512"))  # idle connections kept per upstream
 CONNECT_TIMEOUT = 10.0
 ERROR_SNIPPET_CHARS = 500
 READ_BLOCK = 65536
@@ -411,7 +411,12 @@ class UpstreamClient:
             content_type = resp.headers.get("content-type", "")
             if "text/event-stream" not in content_type:
                 # the upstream ignored "stream": answer with what it sent
-                yield StreamEvent(kind="done", result=_result_from(resp, resp.content, attempts))
+                try:
+                    result = _result_from(resp, resp.content, attempts)
+                except requests.exceptions.RequestException as exc:
+                    body = _error_envelope(f"upstream answer broke: {type(exc).__name__}: {exc}", "stream_broken")
+                    result = UpstreamResult(502, body, request_id, attempts)
+                yield StreamEvent(kind="done", result=result)
                 return
             yield from self._read_sse(resp, request_id, attempts, deadline)
         finally:
@@ -449,6 +454,9 @@ class UpstreamClient:
                     yield failed(504, "deadline passed while the upstream was streaming", "deadline_exceeded")
                     return
         except requests.exceptions.RequestException as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                yield failed(504, "deadline passed while the upstream was streaming", "deadline_exceeded")
+                return
             yield failed(
                 502,
                 f"upstream stream broke after {len(chunks)} chunks: {type(exc).__name__}: {exc}",

@@ -57,6 +57,7 @@ class Task(db.Model):
             "status": self.status,
             "response_mode": self.response_mode,
             "callback_url": self.callback_url or "",
+            "callback_status": self.callback_status,
             "instance_id": self.instance_id or "",
             "timeout": self.timeout,
             "start_time": self.start_time,

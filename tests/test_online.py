@@ -1,0 +1,211 @@
+"""Callback, blocking and streaming modes end to end (SPEC 3): real servers, real workers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from tests.conftest import ADMIN_KEY, auth, wait_for
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(text: str, **extra) -> dict:
+    return dict({"model": "mock-1", "messages": [{"role": "user", "content": text}]}, **extra)
+
+
+class Receiver:
+    """A callback receiver: a real HTTP server in a thread that records what it is sent."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.calls: list[tuple[dict, bytes]] = []
+        self.statuses = list(statuses or [])
+        self.event = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+                if status == 200:
+                    receiver.event.set()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_callback_is_posted_signed_with_the_owners_secret(client, admin, celery_worker, receiver):
+    key = client.post("/v1/keys", json={"role": "user", "name": "cb"}, headers=admin).json
+    put = client.post("/v1/queue/put", headers=auth(key["key"]), json={
+        "endpoint": CHAT, "data": chat("call me back"), "callback_url": receiver.url})
+    task_id = put.json["data"]
+    assert receiver.event.wait(20), "no callback arrived"
+    headers, body = receiver.calls[-1]
+    payload = json.loads(body)
+    assert payload["task_id"] == task_id and payload["status"] == "succeeded"
+    assert payload["result"]["body"]["choices"][0]["message"]["content"] == "echo: call me back"
+    import openai
+
+    sdk = openai.OpenAI(api_key="unused", webhook_secret=key["webhook_secret"])
+    sdk.webhooks.verify_signature(body, headers)  # raises if the signature is wrong
+    with pytest.raises(Exception):  # noqa: B017 - any verification error
+        sdk.webhooks.verify_signature(body + b" ", headers)
+
+
+def test_callback_is_retried_until_2xx(client, user, settings, celery_worker):
+    settings.callback_backoff_base = 0.05
+    receiver = Receiver(statuses=[500, 503])
+    try:
+        task_id = client.post("/v1/queue/put", headers=user, json={
+            "endpoint": CHAT, "data": chat("retry"), "callback_url": receiver.url}).json["data"]
+        assert receiver.event.wait(30), "the callback was not retried to success"
+        assert len(receiver.calls) == 3
+        ids = {h["webhook-id"] for h, _ in receiver.calls}
+        assert len(ids) == 1  # one message id across retries, so receivers can deduplicate
+        task = wait_for(lambda: (t := client.get(f"/v1/queue/{task_id}", headers=user).json)
+                        ["callback_status"].startswith("delivered") and t)
+        assert "after 3 attempt" in task["callback_status"]
+    finally:
+        receiver.close()
+
+
+def test_callback_to_a_private_address_is_refused_without_allowlist(app, client, user, settings):
+    settings.callback_allow_private = False
+    resp = client.post("/v1/queue/put", headers=user, json={
+        "endpoint": CHAT, "data": chat("x"), "callback_url": "http://127.0.0.1:8080/hook"})
+    assert resp.status_code == 400 and resp.json["error"]["param"] == "callback_url"
+    settings.callback_allowlist = "127.0.0.0/8"
+    resp = client.post("/v1/queue/put", headers=user, json={
+        "endpoint": CHAT, "data": chat("x"), "callback_url": "http://127.0.0.1:8080/hook"})
+    assert resp.status_code == 200
+
+
+def test_blocking_answers_with_the_upstreams_status_and_body(live_server, make_key, celery_worker):
+    user = make_key("user")
+    resp = requests.post(f"{live_server.url}/v1/queue/put", headers=user, timeout=30, json={
+        "endpoint": CHAT, "data": chat("hold on"), "response_mode": "blocking"})
+    assert resp.status_code == 200
+    assert resp.json()["object"] == "chat.completion"
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: hold on"
+    bad = requests.post(f"{live_server.url}/v1/queue/put", headers=user, timeout=30, json={
+        "endpoint": CHAT, "data": chat("no", mock_status=400), "response_mode": "blocking"})
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_blocking_times_out_with_408_and_the_task_ends_timeout(live_server, make_key):
+    requests.post(f"{live_server.url}/v1/queue/register", headers=auth(ADMIN_KEY), timeout=10,
+                  json={"queue": "nobody", "endpoint": CHAT, "builtin": False})
+    user = make_key("user")
+    started = time.monotonic()
+    resp = requests.post(f"{live_server.url}/v1/queue/put", headers=user, timeout=30, json={
+        "endpoint": CHAT, "queue": "nobody", "data": chat("x"), "response_mode": "blocking", "timeout": 1})
+    assert resp.status_code == 408 and resp.json()["error"]["code"] == "timeout"
+    assert time.monotonic() - started >= 1
+    task_id = resp.headers["X-Bella-Task-Id"]
+    task = requests.get(f"{live_server.url}/v1/queue/{task_id}", headers=user, timeout=10).json()
+    assert task["status"] == "timeout"
+
+
+def test_an_external_worker_answers_a_blocking_request(live_server, make_key):
+    base = live_server.url
+    requests.post(f"{base}/v1/queue/register", headers=auth(ADMIN_KEY), timeout=10,
+                  json={"queue": "ext", "endpoint": CHAT, "builtin": False})
+    user, worker = make_key("user"), make_key("worker")
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(requests.post, f"{base}/v1/queue/put", headers=user, timeout=30, json={
+            "endpoint": CHAT, "queue": "ext", "data": chat("x"), "response_mode": "blocking", "timeout": 20})
+        task = wait_for(lambda: requests.post(f"{base}/v1/queue/take", headers=worker, timeout=10,
+                                              json={"queues": ["ext:0"]}).json()["ext:0"])[0]
+        assert task["instance_id"]
+        requests.post(f"{base}/v1/queue/{task['task_id']}/complete", headers=worker, timeout=10,
+                      json={"status_code": 201, "request_id": "x", "body": {"external": True}})
+        resp = held.result(timeout=30)
+    assert resp.status_code == 201 and resp.json() == {"external": True}
+
+
+def read_sse(resp) -> list[tuple[float, str]]:
+    events = []
+    for line in resp.iter_lines(chunk_size=1, decode_unicode=True):
+        if line.startswith("data: "):
+            events.append((time.monotonic(), line[len("data: "):]))
+    return events
+
+
+def test_streaming_forwards_chunks_as_they_arrive_then_done(live_server, make_key, celery_worker, mock_upstream):
+    mock_upstream.stream_chunk_delay = 0.15
+    user = make_key("user")
+    resp = requests.post(f"{live_server.url}/v1/queue/put", headers=user, stream=True, timeout=30, json={
+        "endpoint": CHAT, "data": chat("one two three four", stream=True), "response_mode": "streaming"})
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    events = read_sse(resp)
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "echo: one two three four"
+    # the first chunk reached the client well before the upstream finished streaming
+    assert events[-1][0] - events[0][0] >= 0.15 * (len(chunks) - 2)
+
+
+def test_streaming_from_an_external_worker_over_http(live_server, make_key):
+    base = live_server.url
+    requests.post(f"{base}/v1/queue/register", headers=auth(ADMIN_KEY), timeout=10,
+                  json={"queue": "ext", "endpoint": CHAT, "builtin": False})
+    user, worker = make_key("user"), make_key("worker")
+    resp = requests.post(f"{base}/v1/queue/put", headers=user, stream=True, timeout=30, json={
+        "endpoint": CHAT, "queue": "ext", "data": chat("x"), "response_mode": "streaming"})
+    task = wait_for(lambda: requests.post(f"{base}/v1/queue/take", headers=worker, timeout=10,
+                                          json={"queues": ["ext:0"]}).json()["ext:0"])[0]
+    for n in range(3):
+        requests.post(f"{base}/v1/queue/{task['task_id']}/progress", headers=worker, timeout=10,
+                      json={"event_id": str(n), "event_name": "chunk", "event_data": {"n": n}})
+    requests.post(f"{base}/v1/queue/{task['task_id']}/complete", headers=worker, timeout=10,
+                  json={"status_code": 200, "body": {}})
+    assert [data for _, data in read_sse(resp)] == ['{"n":0}', '{"n":1}', '{"n":2}', "[DONE]"]
+
+
+def test_events_written_straight_to_the_redis_stream_reach_the_client(live_server, make_key, app):
+    """An external worker may write to Redis itself, with the address GET /v1/queue/eventbus gives."""
+    import redis
+
+    base = live_server.url
+    requests.post(f"{base}/v1/queue/register", headers=auth(ADMIN_KEY), timeout=10,
+                  json={"queue": "ext", "endpoint": CHAT, "builtin": False})
+    user, worker = make_key("user"), make_key("worker")
+    bus = requests.get(f"{base}/v1/queue/eventbus", headers=worker, timeout=10).json()
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(requests.post, f"{base}/v1/queue/put", headers=user, timeout=30, json={
+            "endpoint": CHAT, "queue": "ext", "data": chat("x"), "response_mode": "blocking", "timeout": 20})
+        task = wait_for(lambda: requests.post(f"{base}/v1/queue/take", headers=worker, timeout=10,
+                                              json={"queues": ["ext:0"]}).json()["ext:0"])[0]
+        r = redis.Redis.from_url(bus["url"])
+        # the engine must also learn of the completion: complete over HTTP, which publishes the event
+        event = {"name": "task-completion-event", "from": "", "context": "",
+                 "payload": {"taskId": task["task_id"], "status": "succeeded",
+                             "result": {"status_code": 200, "request_id": "", "body": {"via": "redis"}}}}
+        r.xadd(bus["topic"] + task["instance_id"], {"event": json.dumps(event)})
+        resp = held.result(timeout=30)
+    assert resp.status_code == 200 and resp.json() == {"via": "redis"}
