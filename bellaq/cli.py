@@ -90,6 +90,15 @@ def mock_upstream(ctx: click.Context) -> None:
     mock_main(list(ctx.args))
 
 
+@main.command("dev")
+@click.option("--port", type=int, default=None, help="Web port; defaults to $PORT or 8080.")
+def dev(port: int | None) -> None:
+    """Run everything on this machine (Redis, mock upstream, web, worker, beat) and print an admin key."""
+    from bellaq.devstack import run
+
+    run(port)
+
+
 @main.command("serve")
 @click.option("--port", type=int, default=None, help="Defaults to $PORT or 8080.")
 @click.option("--workers", type=int, default=None, help="Defaults to $WEB_CONCURRENCY or 2.")
