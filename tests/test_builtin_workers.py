@@ -51,3 +51,35 @@ def test_429_and_5xx_are_retried(client, user, celery_worker, mock_upstream, scr
     task = wait_for(lambda: ended(client, user, task_id))
     assert task["status"] == "succeeded"
     assert mock_upstream.request_count == calls
+
+
+def test_a_task_cancelled_while_running_drops_its_late_result(client, user, celery_worker, mock_upstream):
+    mock_upstream.latency = 1.0
+    task_id = put(client, user)
+    wait_for(lambda: mock_upstream.request_count >= 1, message="the worker to call the upstream")
+    assert client.post(f"/v1/queue/{task_id}/cancel", headers=user).status_code == 202
+    # the upstream answers after the cancel; the consumer's late complete must change nothing
+    from celery.worker import state
+
+    wait_for(lambda: not state.active_requests, message="the consumer to finish with the late answer")
+    task = status_of(client, user, task_id)
+    assert task["status"] == "cancelled" and task["result"] is None
+
+
+def test_a_streaming_client_that_disconnects_leaks_no_waiter(app, live_server, make_key, celery_worker,
+                                                             mock_upstream):
+    import requests
+
+    mock_upstream.stream_chunk_delay = 0.2
+    user = make_key("user")
+    resp = requests.post(f"{live_server.url}/v1/queue/put", headers=user, stream=True, timeout=30, json={
+        "endpoint": CHAT, "response_mode": "streaming",
+        "data": {"model": "mock-1", "stream": True, "messages": [{"role": "user", "content": "a b c d e f"}]}})
+    task_id = resp.headers["X-Bella-Task-Id"]
+    lines = resp.iter_lines(decode_unicode=True)
+    assert any(line.startswith("data: ") for line in lines)  # the first chunk arrived
+    resp.close()  # the client goes away mid-stream
+    task = wait_for(lambda: ended(client=app.test_client(), headers=user, task_id=task_id))
+    assert task["status"] == "succeeded"  # the work it started still finishes
+    bus = app.extensions["bellaq.eventbus"]
+    wait_for(lambda: bus.waiting() == 0, message="the held request's waiter to be released")
