@@ -226,8 +226,7 @@ def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
         finish([task], SUCCEEDED if ok else FAILED, result)
         return {"task_id": task.id, "completed": True, "status": task.status}
     db.session.refresh(task)
-    if outcome == "already" or (task.status in (SUCCEEDED, FAILED) and task.result
-                                and json.loads(task.result).get("status_code") != 408):
+    if outcome == "already":
         return {"task_id": task.id, "completed": False, "status": task.status,
                 "message": "The task was already completed; this complete changed nothing."}
     raise Conflict(

@@ -83,3 +83,35 @@ def test_a_streaming_client_that_disconnects_leaks_no_waiter(app, live_server, m
     assert task["status"] == "succeeded"  # the work it started still finishes
     bus = app.extensions["bellaq.eventbus"]
     wait_for(lambda: bus.waiting() == 0, message="the held request's waiter to be released")
+
+
+def test_max_in_flight_bounds_running_tasks(client, admin, user, celery_worker, mock_upstream):
+    client.post("/v1/queue/register", headers=admin, json={"queue": "narrow", "endpoint": CHAT, "max_in_flight": 1})
+    mock_upstream.latency = 0.2
+    ids = [put(client, user, queue="narrow") for _ in range(4)]
+    peak = 0
+
+    def all_done():
+        nonlocal peak
+        peak = max(peak, client.get("/v1/queue/narrow:0/stats", headers=user).json["running"])
+        return all(ended(client, user, t) for t in ids)
+
+    wait_for(all_done, timeout=30, interval=0.02)
+    assert peak == 1
+
+
+def test_rpm_holds_back_takes_until_the_next_minute(app, client, admin):
+    import time
+
+    from workers.consumer import _allowed, _count_rpm
+
+    with app.app_context():
+        from bellaq.services import services
+
+        svc = services()
+        config = {"max_in_flight": None, "rpm": 5}
+        assert _allowed(config, "q", 0, 32, svc) == (5, 0.0)
+        _count_rpm("q", 5, svc)
+        size, retry_in = _allowed(config, "q", 0, 32, svc)
+        assert size == 0 and 0 < retry_in <= 60.05
+        assert abs((time.time() + retry_in) % 60) < 0.5  # retried at the start of the next minute
