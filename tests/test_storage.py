@@ -311,7 +311,7 @@ def test_s3_url_validation() -> None:
 
 
 def test_storage_from_settings_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("boto3")
+    import boto3  # noqa: F401
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     st = storage_from_settings(
@@ -331,8 +331,8 @@ def test_storage_from_settings_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
+    import boto3  # noqa: F401
+    import moto.server as server_mod
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

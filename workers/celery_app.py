@@ -29,7 +29,7 @@ def level_queue(level: int) -> str:
     return f"bellaq.l{min(max(level, 0), LEVELS[-1])}"
 
 
-ALL_QUEUES = [level_queue(level) for level in LEVELS] + [CONTROL_QUEUE]
+ALL_QUEUES = [CONTROL_QUEUE] + [level_queue(level) for level in LEVELS]  # control first: never starved
 
 
 class FlaskTask(Task):

@@ -80,20 +80,31 @@ def executor() -> ThreadPoolExecutor:
     return _executor
 
 
-def _allowed(config: dict, queue: str, level: int, size: int, svc: Services) -> tuple[int, float]:
-    """How many tasks the queue's limits let us take now, and when to look again if none."""
-    if config.get("max_in_flight"):
-        running = svc.engine.stats(queue, level).running
-        size = min(size, config["max_in_flight"] - running)
-        if size <= 0:
-            return 0, 1.0
-    if config.get("rpm"):
-        minute = int(time.time() // 60)
-        used = int(svc.redis.get(svc.key("rpm", queue, str(minute))) or 0)
-        size = min(size, config["rpm"] - used)
-        if size <= 0:
-            return 0, 60 - time.time() % 60 + 0.05
+def _rpm_allows(config: dict, queue: str, size: int, svc: Services) -> tuple[int, float]:
+    """How many tasks the queue's requests-per-minute limit lets us take, and when to look again."""
+    if not config.get("rpm"):
+        return size, 0.0
+    used = int(svc.redis.get(svc.key("rpm", queue, str(int(time.time() // 60)))) or 0)
+    size = min(size, config["rpm"] - used)
+    if size <= 0:
+        return 0, 60 - time.time() % 60 + 0.05
     return size, 0.0
+
+
+def _take(config: dict, queue: str, level: int, size: int, svc: Services) -> list[dict] | None:
+    """Lease up to ``size`` tasks; None when ``max_in_flight`` tasks already run."""
+
+    def take(n: int) -> list[dict]:
+        return task_service.take([(queue, level)], n, config["strategy"], svc.settings.default_process_timeout,
+                                 svc.settings.default_max_retries)
+
+    limit = config.get("max_in_flight")
+    if not limit:
+        return take(size)
+    # Counting the running tasks and leasing more must be one step across all consumers.
+    with svc.redis.lock(svc.key("inflight", queue, str(level)), timeout=10, blocking_timeout=10):
+        free = limit - svc.engine.stats(queue, level).running
+        return take(min(size, free)) if free > 0 else None
 
 
 def _count_rpm(queue: str, n: int, svc: Services) -> None:
@@ -144,12 +155,11 @@ def consume(queue: str, level: int) -> int:
     if config is None or not config["builtin"]:
         return 0
     size = 1 if config["strategy"] == "sequential" else svc.settings.worker_take_size
-    size, retry_in = _allowed(config, queue, level, size, svc)
-    if size <= 0:
-        consume.apply_async((queue, level), queue=level_queue(level), countdown=retry_in)
+    size, retry_in = _rpm_allows(config, queue, size, svc)
+    taken = _take(config, queue, level, size, svc) if size > 0 else None
+    if taken is None:
+        consume.apply_async((queue, level), queue=level_queue(level), countdown=retry_in or 0.5)
         return 0
-    taken = task_service.take([(queue, level)], size, config["strategy"], svc.settings.default_process_timeout,
-                              svc.settings.default_max_retries)
     if not taken:
         return 0
     if config.get("rpm"):
