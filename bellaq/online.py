@@ -35,17 +35,22 @@ def _final_of(task_id: str) -> dict[str, Any] | None:
     return {"taskId": task_id, "status": row.status, "result": json.loads(row.result) if row.result else None}
 
 
-def _events(task: Task, waiter: queue.Queue) -> Iterator[dict[str, Any]]:
-    """Every event of the task until its completion; a timeout ends the task as ``timeout``."""
-    deadline = time.monotonic() + task.timeout
+def _events(task_id: str, timeout: int, waiter: queue.Queue) -> Iterator[dict[str, Any]]:
+    """Every event of the task until its completion; a timeout ends the task as ``timeout``.
+
+    Nothing here holds a SQL connection while waiting: thousands of requests may be held at once.
+    """
+    deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            if end_as_timeout(task):
-                yield {"name": COMPLETION, "payload": {"taskId": task.id, "status": "timeout",
-                                                       "result": json.loads(task.result)}}
+            task = db.session.get(Task, task_id)
+            if task is not None and end_as_timeout(task):
+                result = json.loads(task.result) if task.result else None
+                db.session.rollback()
+                yield {"name": COMPLETION, "payload": {"taskId": task_id, "status": "timeout", "result": result}}
                 return
-            final = _final_of(task.id)
+            final = _final_of(task_id)
             if final is not None:
                 yield {"name": COMPLETION, "payload": final}
                 return
@@ -54,7 +59,7 @@ def _events(task: Task, waiter: queue.Queue) -> Iterator[dict[str, Any]]:
         try:
             event = waiter.get(timeout=min(remaining, RECHECK_S))
         except queue.Empty:
-            final = _final_of(task.id)
+            final = _final_of(task_id)
             if final is not None:
                 yield {"name": COMPLETION, "payload": final}
                 return
@@ -62,6 +67,13 @@ def _events(task: Task, waiter: queue.Queue) -> Iterator[dict[str, Any]]:
         yield event
         if event.get("name") == COMPLETION:
             return
+
+
+def _put_and_release(principal: Principal, body: dict[str, Any], task_id: str) -> int:
+    """Accept the task, then hand the SQL connection back; returns the task's timeout."""
+    timeout = put(principal, body, task_id=task_id).timeout
+    db.session.rollback()
+    return timeout
 
 
 def _error_body(status: str, result: dict | None) -> tuple[int, dict]:
@@ -79,8 +91,8 @@ def blocking(principal: Principal, body: dict[str, Any]) -> Response:
     task_id = new_task_id()
     waiter = bus().register(task_id)
     try:
-        task = put(principal, body, task_id=task_id)
-        for event in _events(task, waiter):
+        timeout = _put_and_release(principal, body, task_id)
+        for event in _events(task_id, timeout, waiter):
             if event.get("name") == COMPLETION:
                 payload = event.get("payload") or {}
                 status_code, out = _error_body(payload.get("status", ""), payload.get("result"))
@@ -104,7 +116,7 @@ def streaming(principal: Principal, body: dict[str, Any]) -> Response:
     event_bus = bus()
     waiter = event_bus.register(task_id)
     try:
-        task = put(principal, body, task_id=task_id)
+        timeout = _put_and_release(principal, body, task_id)
     except Exception:
         event_bus.unregister(task_id)
         raise
@@ -113,7 +125,7 @@ def streaming(principal: Principal, body: dict[str, Any]) -> Response:
         try:
             # An SSE comment sends the headers now: the client knows the task is accepted.
             yield ": accepted\n\n"
-            for event in _events(task, waiter):
+            for event in _events(task_id, timeout, waiter):
                 payload = event.get("payload") or {}
                 if event.get("name") == PROGRESS:
                     yield _sse(payload.get("eventData"))
