@@ -120,5 +120,10 @@ def serve(port: int | None, workers: int | None) -> None:
     os.execv(sys.executable, argv)
 
 
+from bellaq.cli_batch import batch_group  # noqa: E402
+
+main.add_command(batch_group)
+
+
 if __name__ == "__main__":
     main()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import openai
+
+from tests.conftest import wait_for  # noqa: F401  (re-exported for the batch tests)
 
 CHAT = "/v1/chat/completions"
 
@@ -39,17 +40,15 @@ def upload(client, headers: dict[str, str], data: bytes, filename: str = "in.jso
     return resp.json
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy; return its value, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last value: {value!r})")
-        time.sleep(interval)
-
-
 def read_jsonl(data: bytes) -> list[dict]:
     return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def create_batch(client, headers: dict[str, str], data: bytes, endpoint: str = CHAT, window: str = "24h",
+                 extra_headers: dict[str, str] | None = None, **fields: Any) -> dict:
+    """Upload ``data`` and create a batch over it through the test client; returns the Batch object."""
+    file_id = upload(client, headers, data)["id"]
+    body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": window, **fields}
+    resp = client.post("/v1/batches", json=body, headers={**headers, **(extra_headers or {})})
+    assert resp.status_code == 200, resp.json
+    return resp.json
