@@ -50,7 +50,7 @@ from bellaq.models.batches import (
 from bellaq.models.files import BATCH_OUTPUT
 from bellaq.models.tasks import CANCELLED as TASK_CANCELLED
 from bellaq.models.tasks import FAILED as TASK_FAILED
-from bellaq.models.tasks import OPEN_STATUSES, QUEUED, SUCCEEDED, TIMEOUT, WAITING
+from bellaq.models.tasks import OPEN_STATUSES, SUCCEEDED, TIMEOUT, WAITING
 from bellaq.queues import check_endpoint, resolve_queue
 from bellaq.services import services
 from bellaq.tasks import error_result, finish, task_payload
@@ -633,8 +633,6 @@ def sweep() -> Sweep:
                 out.forced += end_open_tasks(batch.id, force=True)
         if not _has_open_tasks(batch.id):
             out.finalize.append(batch.id)
-        else:
-            out.forced += end_lost_completions(batch.id)
     stuck = db.session.execute(
         db.select(Batch.id).where(Batch.final_status.is_not(None), Batch.status.not_in(FINAL_STATUSES),
                                   Batch.claimed_at < now - STALE_CLAIM_MS)
@@ -644,20 +642,6 @@ def sweep() -> Sweep:
         db.session.commit()
         out.relaunch.append(batch_id)
     return out
-
-
-def end_lost_completions(batch_id: str) -> int:
-    """End the batch's tasks whose complete reached the engine but never SQL (a worker killed
-    between the two): still ``queued`` well past any lease, yet done in the engine."""
-    svc = services()
-    cutoff = now_ms() - (svc.settings.default_process_timeout + 60) * 1000
-    rows = db.session.execute(
-        db.select(Task).where(Task.batch_id == batch_id, Task.status == QUEUED, Task.running_time < cutoff)
-        .limit(PAGE)).scalars().all()
-    lost = [t for t in rows if svc.engine.is_known(t.queue, t.level, t.id) == "done"]
-    result = error_result(502, "The worker that ran this request stopped before recording its answer.",
-                          "worker_lost", "upstream_error")
-    return len(finish(lost, TASK_FAILED, result))
 
 
 # ------------------------------------------------------------------------------------ finalisation

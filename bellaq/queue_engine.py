@@ -325,6 +325,23 @@ class QueueEngine:
         ]
         return _s(self._run("complete", keys, [task_id, 1 if failed else 0, _now_arg(now_ms)]))
 
+    def complete_many(self, items: Sequence[tuple[str, int, str, bool]], now_ms: int | None = None) -> list[str]:
+        """:meth:`complete` for many ``(queue, level, task_id, failed)`` in one round trip."""
+        script = self._scripts["complete"]
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for queue, level, task_id, failed in items:
+                _check_queue(queue, level)
+                _check_task_id(task_id)
+                keys = [self._qkey(queue, level, "leased"), self._qkey(queue, level, "done"),
+                        self._qkey(queue, level, "counters"), *self._task_keys(queue)]
+                pipe.evalsha(script.sha, len(keys), *keys, task_id, 1 if failed else 0, _now_arg(now_ms))
+            try:
+                return [_s(out) for out in pipe.execute()]
+            except NoScriptError:
+                script.sha = self.redis.script_load(script.script)
+        raise RuntimeError("could not load Lua script complete")  # pragma: no cover
+
     def cancel(self, queue: str, level: int, task_id: str) -> str:
         """'waiting' or 'leased' (where it was removed from), or 'absent'."""
         _check_queue(queue, level)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import update
+from sqlalchemy import bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq.clock import now_ms
@@ -151,35 +151,36 @@ def finish(tasks: Sequence[Task], status: str, result: dict | None = None,
            results: dict[str, dict] | None = None) -> list[Task]:
     """Write the end state of tasks the engine has already released; returns those that changed.
 
-    ``result`` is the same for every task; ``results`` maps a task id to its own result.
+    Each row is claimed with ``UPDATE ... WHERE status IN (open)``, so of two enders only one
+    wins. ``result`` is the same for every task; ``results`` maps a task id to its own result.
     """
     if not tasks:
         return []
     now = now_ms()
-    changed: list[Task] = []
-    rows = []
+    table = Task.__table__
+    claim = (update(table).where(table.c.id == bindparam("tid"), table.c.status.in_(OPEN_STATUSES))
+             .values(status=status, completed_time=now, result=bindparam("res")))
+    changed: list[tuple[Task, str | None]] = []
     for task in tasks:
         value = results.get(task.id) if results else result
-        rows.append({"id": task.id, "status": status, "completed_time": now,
-                     "result": json.dumps(value) if value is not None else None})
-    open_ids = {
-        tid for (tid,) in db.session.execute(
-            db.select(Task.id).where(Task.id.in_([t.id for t in tasks]), Task.status.in_(OPEN_STATUSES))
-        )
-    }
-    rows = [r for r in rows if r["id"] in open_ids]
-    if rows:
-        db.session.execute(update(Task), rows)
-    db.session.commit()
-    by_id = {r["id"]: r for r in rows}
+        text = json.dumps(value) if value is not None else None
+        if db.session.execute(claim, {"tid": task.id, "res": text}).rowcount == 1:
+            changed.append((task, text))
     for task in tasks:
-        if task.id in open_ids:
-            for name, value in by_id[task.id].items():
-                set_committed_value(task, name, value)
-            changed.append(task)
-    if changed:
-        services().task_ended(changed)
-    return changed
+        # Detached, the objects keep their values through the commit: listeners read them
+        # without one query per task.
+        if inspect(task).expired_attributes:
+            db.session.refresh(task)
+        db.session.expunge(task)
+    db.session.commit()
+    for task, text in changed:
+        set_committed_value(task, "status", status)
+        set_committed_value(task, "completed_time", now)
+        set_committed_value(task, "result", text)
+    ended = [task for task, _ in changed]
+    if ended:
+        services().task_ended(ended)
+    return ended
 
 
 def cancel(principal: Principal, task_id: str) -> Task:
@@ -236,18 +237,34 @@ def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def complete_many(results: dict[str, dict[str, Any]]) -> int:
-    """Complete tasks leased by built-in workers: each claimed in the engine, then one SQL write
-    per end status. Tasks nobody holds any more (cancelled, timed out) are dropped."""
+    """Complete tasks leased by built-in workers: claimed in the engine in one round trip, then
+    one SQL transaction per end status. Tasks nobody holds any more (cancelled, timed out) are
+    dropped."""
     if not results:
         return 0
-    engine = services().engine
     rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
+    oks = [200 <= results[t.id]["status_code"] < 300 for t in rows]
+    items = [(t.queue, t.level, t.id, not ok) for t, ok in zip(rows, oks, strict=True)]
+    outcomes = services().engine.complete_many(items)
     by_status: dict[str, list[Task]] = defaultdict(list)
-    for task in rows:
-        ok = 200 <= results[task.id]["status_code"] < 300
-        if engine.complete(task.queue, task.level, task.id, failed=not ok) == "completed":
+    for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
+        if outcome == "completed":
             by_status[SUCCEEDED if ok else FAILED].append(task)
     return sum(len(finish(group, status, results=results)) for status, group in by_status.items())
+
+
+def end_lost_completions(limit: int = 1000) -> int:
+    """End tasks whose complete reached the engine but never SQL (the completer was killed
+    between the two): still ``queued`` well past any lease, yet done in the engine."""
+    svc = services()
+    cutoff = now_ms() - (svc.settings.default_process_timeout + 60) * 1000
+    rows = db.session.execute(
+        db.select(Task).where(Task.status == QUEUED, Task.running_time < cutoff).limit(limit)
+    ).scalars().all()
+    lost = [t for t in rows if svc.engine.is_known(t.queue, t.level, t.id) == "done"]
+    result = error_result(502, "The worker that ran this request stopped before recording its answer.",
+                          "worker_lost", "upstream_error")
+    return len(finish(lost, FAILED, result))
 
 
 # ---------------------------------------------------------------------------------------------- take
@@ -340,7 +357,8 @@ def reap(now: int | None = None) -> dict[str, int]:
         if svc.engine.cancel(task.queue, task.level, task.id) != "leased":
             message = f"The task waited longer than its timeout of {task.timeout} s."
             timed_out += len(finish([task], TIMEOUT, error_result(408, message, "timeout")))
-    return {"requeued": requeued, "failed": failed, "timed_out": timed_out}
+    lost = end_lost_completions()
+    return {"requeued": requeued, "failed": failed, "timed_out": timed_out, "lost": lost}
 
 
 def recover(chunk: int = 2000) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -107,24 +106,30 @@ def test_level_0_work_starts_before_queued_level_1_work(stack, mock_upstream):
 @pytest.mark.slow
 def test_external_and_builtin_workers_serve_one_queue_together(stack):
     stack.start_web(workers=1)
-    stack.start_worker(concurrency=4)
     requests.post(f"{stack.url}/v1/queue/register", headers=ADMIN, timeout=10,
                   json={"queue": "shared", "endpoint": CHAT})
     user, worker = new_key(stack, "user"), new_key(stack, "worker")
     ids = [requests.post(f"{stack.url}/v1/queue/put", headers=user, timeout=10, json={
         "endpoint": CHAT, "queue": "shared", "data": chat(f"n{n}"), "callback_url": "http://127.0.0.1:9/cb"}
     ).json()["data"] for n in range(200)]
-    external = set()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    external: set[str] = set()
+
+    def take_and_complete(size: int) -> int:
         got = requests.post(f"{stack.url}/v1/queue/take", headers=worker, timeout=10,
-                            json={"queues": ["shared:0"], "size": 5}).json()["shared:0"]
+                            json={"queues": ["shared:0"], "size": size}).json()["shared:0"]
         for task in got:
             requests.post(f"{stack.url}/v1/queue/{task['task_id']}/complete", headers=worker, timeout=10,
                           json={"status_code": 200, "body": {"by": "external"}})
             external.add(task["task_id"])
-        if not got and all(get_task(stack, user, t)["status"] == "succeeded" for t in ids[-5:]):
-            break
+        return len(got)
+
+    take_and_complete(20)  # the external worker alone first
+    stack.start_worker(concurrency=4)
+    wait_for(lambda: requests.get(f"{stack.url}/v1/queue/shared:0/stats", headers=worker, timeout=10).json()["done"]
+             > len(external), timeout=30, message="the built-in worker to complete a task")
+    while take_and_complete(2):  # now both take from the queue until it is empty
+        pass
+    wait_for(lambda: all(get_task(stack, user, t)["status"] == "succeeded" for t in ids), timeout=60)
     tasks = [get_task(stack, user, t) for t in ids]
     assert all(t["status"] == "succeeded" for t in tasks)
     by_external = {t["task_id"] for t in tasks if t["result"]["body"] == {"by": "external"}}

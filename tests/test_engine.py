@@ -699,3 +699,15 @@ def test_every_script_runs_on_redis_6_2(redis62: redis.Redis) -> None:
         ("a", 0): ExpiredLeases(["a2"], []),
         ("b", 0): ExpiredLeases(["b2"], []),
     }
+
+
+def test_complete_many_completes_in_one_round_trip(engine: QueueEngine, rclient: redis.Redis) -> None:
+    for n in range(3):
+        engine.enqueue("q", 1, f"t{n}", "{}")
+    engine.take([("q", 1)], 2)
+    rclient.script_flush()  # the engine reloads its script when Redis has forgotten it
+    out = engine.complete_many([("q", 1, "t0", False), ("q", 1, "t1", True), ("q", 1, "t2", False),
+                                ("q", 1, "t0", False)])
+    assert out == ["completed", "completed", "not_leased", "already"]
+    stats = engine.stats("q", 1)
+    assert (stats.done, stats.failed, stats.waiting) == (1, 1, 1)

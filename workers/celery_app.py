@@ -52,19 +52,24 @@ celery = Celery("bellaq", task_cls=FlaskTask)
 _flask_app: Flask | None = None
 
 
+def broker_prefix(settings: Settings) -> str:
+    """The prefix of the broker's Redis keys: a Celery queue ``Q`` is the list ``<prefix>Q``."""
+    return f"{settings.redis_prefix}:celery:"
+
+
 def configure(settings: Settings) -> None:
     """Point Celery at the settings' broker; per-deployment key prefix keeps deployments apart."""
     transport = {
         # Strict order: a message in bellaq.l0 is always received before one in bellaq.l1.
         "queue_order_strategy": "priority",
         "visibility_timeout": 3600,
-        "global_keyprefix": f"{settings.redis_prefix}:celery:",
+        "global_keyprefix": broker_prefix(settings),
     }
     celery.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
         broker_transport_options=transport,
-        result_backend_transport_options={"global_keyprefix": f"{settings.redis_prefix}:celery:"},
+        result_backend_transport_options={"global_keyprefix": broker_prefix(settings)},
         result_expires=3600,
         task_queues=[Queue(name) for name in ALL_QUEUES],
         task_default_queue=CONTROL_QUEUE,

@@ -18,24 +18,29 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+import redis
+
 from bellaq import tasks as task_service
 from bellaq.clock import now_ms
 from bellaq.eventbus import EventBus, progress_event
 from bellaq.extensions import db
 from bellaq.models import Queue
 from bellaq.services import Services, services
-from workers.celery_app import celery, get_flask_app, level_queue
+from workers.celery_app import broker_prefix, celery, get_flask_app, level_queue
 from workers.upstream import UpstreamClient, UpstreamResult
 
 log = logging.getLogger(__name__)
 
 QUEUE_CACHE_S = 5.0
 MAX_MESSAGES_PER_ANNOUNCE = 256
+# A message drains its queue for at most this long, then re-announces and frees its Celery slot.
+DRAIN_BUDGET_S = 5.0
 
 _queue_cache: dict[str, tuple[float, dict | None]] = {}
 _clients: dict[tuple[str, str | None], UpstreamClient] = {}
 _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
+_broker: redis.Redis | None = None
 
 
 def announce(queue: str, level: int, count: int = 1) -> None:
@@ -147,6 +152,92 @@ def _as_result(result: UpstreamResult) -> dict:
     return {"status_code": result.status_code, "request_id": result.request_id, "body": result.body}
 
 
+def _higher_levels_waiting(level: int, svc: Services) -> bool:
+    """True when a Celery message of a more urgent level waits: a draining consumer then gives
+    its slot back."""
+    if level == 0:
+        return False
+    global _broker
+    if _broker is None:
+        _broker = redis.Redis.from_url(svc.settings.broker_url)
+    pipe = _broker.pipeline(transaction=False)
+    for higher in range(level):
+        pipe.llen(f"{broker_prefix(svc.settings)}{level_queue(higher)}")
+    return any(pipe.execute())
+
+
+class _Drain:
+    """One consume message's run: keeps up to ``slots`` tasks in flight, refilling as they end,
+    until the queue is empty, a limit says wait, the time budget is spent, or more urgent work
+    waits."""
+
+    def __init__(self, queue: str, level: int, config: dict, svc: Services) -> None:
+        self.queue, self.level, self.config, self.svc = queue, level, config, svc
+        self.slots = 1 if config["strategy"] == "sequential" else svc.settings.worker_take_size
+        self.client = upstream_for(config, svc)
+        self.bus: EventBus = get_flask_app().extensions["bellaq.eventbus"]
+        self.inflight: dict[Future, dict] = {}
+        self.finished: dict[str, dict] = {}  # non-online results, completed together
+        self.taken = 0
+        self.again_in: float | None = None  # re-announce after this many seconds
+
+    def refill(self, started: float) -> bool:
+        """Take more work into free slots; False once nothing more should be taken."""
+        if time.monotonic() - started > DRAIN_BUDGET_S or _higher_levels_waiting(self.level, self.svc):
+            self.again_in = 0.0
+            return False
+        if self.config["strategy"] == "sequential":
+            self.flush()  # its slot frees only once the running task is completed
+        want, retry_in = _rpm_allows(self.config, self.queue, self.slots - len(self.inflight), self.svc)
+        taken = _take(self.config, self.queue, self.level, want, self.svc) if want > 0 else None
+        if taken is None:
+            self.again_in = retry_in or 0.5
+            return False
+        if not taken:
+            return False
+        if self.config.get("rpm"):
+            _count_rpm(self.queue, len(taken), self.svc)
+        self.taken += len(taken)
+        for task in taken:
+            future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
+            self.inflight[future] = task
+        return True
+
+    def collect(self) -> None:
+        """Wait for at least one request to end; online answers are completed at once."""
+        done, _ = wait(list(self.inflight), return_when=FIRST_COMPLETED)
+        online: dict[str, dict] = {}
+        for future in done:
+            task = self.inflight.pop(future)
+            try:
+                result = future.result()
+            except Exception as err:  # noqa: BLE001 - a bug must not strand the task: record it
+                log.exception("task %s failed in the worker", task["task_id"])
+                result = error_result(500, f"The worker failed: {type(err).__name__}: {err}", "worker_error")
+            (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = result
+        if online:
+            task_service.complete_many(online)
+        if len(self.finished) >= self.slots:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.finished:
+            task_service.complete_many(self.finished)
+            self.finished = {}
+
+    def run(self) -> int:
+        started = time.monotonic()
+        taking = self.refill(started)
+        while self.inflight:
+            self.collect()
+            if taking and len(self.inflight) <= self.slots - max(1, self.slots // 4):
+                taking = self.refill(started)
+        self.flush()
+        if self.again_in is not None:
+            consume.apply_async((self.queue, self.level), queue=level_queue(self.level), countdown=self.again_in)
+        return self.taken
+
+
 @celery.task(name="bellaq.consume", ignore_result=True)
 def consume(queue: str, level: int) -> int:
     """Take work of ``queue:level`` with the queue's strategy, run it, complete it."""
@@ -154,38 +245,4 @@ def consume(queue: str, level: int) -> int:
     config = queue_config(queue)
     if config is None or not config["builtin"]:
         return 0
-    size = 1 if config["strategy"] == "sequential" else svc.settings.worker_take_size
-    size, retry_in = _rpm_allows(config, queue, size, svc)
-    taken = _take(config, queue, level, size, svc) if size > 0 else None
-    if taken is None:
-        consume.apply_async((queue, level), queue=level_queue(level), countdown=retry_in or 0.5)
-        return 0
-    if not taken:
-        return 0
-    if config.get("rpm"):
-        _count_rpm(queue, len(taken), svc)
-    client = upstream_for(config, svc)
-    bus: EventBus = get_flask_app().extensions["bellaq.eventbus"]
-    futures: dict[Future, dict] = {
-        executor().submit(run_request, task, client, bus, svc.settings.upstream_timeout): task for task in taken
-    }
-    later: dict[str, dict] = {}
-    pending = set(futures)
-    while pending:
-        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-        now: dict[str, dict] = {}
-        for future in finished:
-            task = futures[future]
-            try:
-                result = future.result()
-            except Exception as err:  # noqa: BLE001 - a bug must not strand the task: record it
-                log.exception("task %s failed in the worker", task["task_id"])
-                result = error_result(500, f"The worker failed: {type(err).__name__}: {err}", "worker_error")
-            (now if task["response_mode"] != "callback" else later)[task["task_id"]] = result
-        if now:
-            task_service.complete_many(now)
-    if later:
-        task_service.complete_many(later)
-    if len(taken) == size:
-        consume.apply_async((queue, level), queue=level_queue(level))  # there may be more
-    return len(taken)
+    return _Drain(queue, level, config, svc).run()
