@@ -315,15 +315,7 @@ class QueueEngine:
         self, queue: str, level: int, task_id: str, failed: bool = False, now_ms: int | None = None
     ) -> str:
         """'completed' (first complete of a leased task), 'already' (done before) or 'not_leased'."""
-        _check_queue(queue, level)
-        _check_task_id(task_id)
-        keys = [
-            self._qkey(queue, level, "leased"),
-            self._qkey(queue, level, "done"),
-            self._qkey(queue, level, "counters"),
-            *self._task_keys(queue),
-        ]
-        return _s(self._run("complete", keys, [task_id, 1 if failed else 0, _now_arg(now_ms)]))
+        return self.complete_many([(queue, level, task_id, failed)], now_ms)[0]
 
     def complete_many(self, items: Sequence[tuple[str, int, str, bool]], now_ms: int | None = None) -> list[str]:
         """:meth:`complete` for many ``(queue, level, task_id, failed)`` in one round trip."""

@@ -7,6 +7,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pymysql
@@ -78,8 +79,9 @@ def settings(tmp_path: Path, redis_prefix: str, database_url: str) -> Settings:
     return make_settings(tmp_path, redis_prefix, database_url)
 
 
-@pytest.fixture
-def app(settings: Settings) -> Iterator[Flask]:
+@contextmanager
+def running_app(settings: Settings) -> Iterator[Flask]:
+    """An app on ``settings`` with its schema; its connections are closed afterwards."""
     app = create_app(settings)
     app.config["TESTING"] = True
     init_db(app)
@@ -90,6 +92,12 @@ def app(settings: Settings) -> Iterator[Flask]:
 
         db.session.remove()
         db.engine.dispose()
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    with running_app(settings) as app:
+        yield app
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import requests
 from bellaq import create_app
 from bellaq.db import init_db
 from tests.batch_fixtures import sdk, upload
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, running_app
 
 
 def stored_objects(settings) -> list[str]:
@@ -111,15 +111,8 @@ def test_malformed_uploads_are_400(client, user, case):
 
 @pytest.fixture
 def small_app(settings):
-    app = create_app(settings.replace(file_max_bytes=1000))
-    init_db(app)
-    yield app
-    app.extensions["bellaq.eventbus"].stop()
-    with app.app_context():
-        from bellaq.extensions import db
-
-        db.session.remove()
-        db.engine.dispose()
+    with running_app(settings.replace(file_max_bytes=1000)) as app:
+        yield app
 
 
 def test_too_large_upload_is_413_and_leaves_nothing(small_app, make_key, settings):
