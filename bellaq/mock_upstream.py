@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
+import socket
 import struct
 import sys
 import threading
@@ -824,6 +826,21 @@ def _serve_on(listener: Any, state: MockState, signals: tuple[int, ...]) -> None
     server.serve_forever()
 
 
+def nodelay_pywsgi() -> None:
+    """Set TCP_NODELAY on every connection gevent's pywsgi accepts: without it a keep-alive
+    answer sent as headers then body waits ~40 ms for the client's delayed ACK."""
+    from gevent import pywsgi
+
+    original = pywsgi.WSGIHandler.__init__
+
+    def init(self: Any, sock: Any, *args: Any, **kwargs: Any) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        original(self, sock, *args, **kwargs)
+
+    pywsgi.WSGIHandler.__init__ = init  # type: ignore[method-assign]
+
+
 def serve(
     port: int,
     host: str = "127.0.0.1",
@@ -848,6 +865,7 @@ def serve(
     from gevent import socket as gsocket
 
     _raise_nofile_limit()
+    nodelay_pywsgi()
     family = gsocket.AF_INET6 if ":" in host else gsocket.AF_INET
     listener = gsocket.socket(family, gsocket.SOCK_STREAM)
     listener.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_REUSEADDR, 1)

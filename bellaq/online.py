@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,8 +18,9 @@ from bellaq.models import Task
 from bellaq.models.tasks import CANCELLED, END_STATUSES
 from bellaq.tasks import end_as_timeout, new_task_id, put
 
-# How often a held request also looks at SQL, in case an event was missed.
-RECHECK_S = 5.0
+# How often a held request also looks at SQL, in case an event was missed (with jitter, so
+# thousands of held requests do not look at once).
+RECHECK_S = 30.0
 
 
 def bus() -> EventBus:
@@ -57,7 +59,7 @@ def _events(task_id: str, timeout: int, waiter: queue.Queue) -> Iterator[dict[st
             deadline = time.monotonic() + RECHECK_S
             continue
         try:
-            event = waiter.get(timeout=min(remaining, RECHECK_S))
+            event = waiter.get(timeout=min(remaining, RECHECK_S * random.uniform(0.5, 1.0)))
         except queue.Empty:
             final = _final_of(task_id)
             if final is not None:

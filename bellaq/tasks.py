@@ -114,10 +114,11 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         expire_time=start + timeout * 1000,
         attempts=0,
     )
+    payload = task_payload(task)  # before the commit, which would make reading the task a query
     db.session.add(task)
     db.session.commit()
     try:
-        svc.engine.enqueue(queue.name, level, task.id, task_payload(task), score=time.time_ns() // 1000)
+        svc.engine.enqueue(queue.name, level, task.id, payload, score=time.time_ns() // 1000)
     except RedisError:
         # The engine never saw it: take the row back so nothing half-written remains.
         db.session.execute(db.delete(Task).where(Task.id == task.id))

@@ -389,26 +389,12 @@ class Sink:
         stop_group(self.proc, signal.SIGTERM, 10)
 
 
-def _nodelay_pywsgi() -> None:
-    """Set TCP_NODELAY on every connection gevent's pywsgi accepts (see :class:`MockServer`)."""
-    from gevent import pywsgi
-
-    original = pywsgi.WSGIHandler.__init__
-
-    def init(self: Any, sock: Any, *args: Any, **kwargs: Any) -> None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        original(self, sock, *args, **kwargs)
-
-    pywsgi.WSGIHandler.__init__ = init  # type: ignore[method-assign]
-
 
 def _mock_main(argv: list[str]) -> None:
     from gevent import monkey
 
     monkey.patch_all()
-    _nodelay_pywsgi()
-    from bellaq.mock_upstream import main as mock_main
+    from bellaq.mock_upstream import main as mock_main  # serve() sets TCP_NODELAY
 
     mock_main(argv)
 
@@ -417,7 +403,8 @@ def _sink_main(port: int) -> None:
     from gevent import monkey
 
     monkey.patch_all()
-    _nodelay_pywsgi()
+    from bellaq.mock_upstream import nodelay_pywsgi
+    nodelay_pywsgi()
     from gevent.pywsgi import WSGIServer
 
     count = 0

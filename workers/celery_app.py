@@ -64,6 +64,9 @@ def configure(settings: Settings) -> None:
         "queue_order_strategy": "priority",
         "visibility_timeout": 3600,
         "global_keyprefix": broker_prefix(settings),
+        # gevent workers publish and ack from many greenlets: kombu's default of 10 connections
+        # makes acks fail with "Too many connections" (and late acks then redeliver).
+        "max_connections": 1000,
     }
     celery.conf.update(
         broker_url=settings.broker_url,
@@ -80,6 +83,7 @@ def configure(settings: Settings) -> None:
         task_time_limit=3700,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
+        broker_pool_limit=100,
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(),
         include=TASK_MODULES,

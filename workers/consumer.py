@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_CACHE_S = 5.0
 MAX_MESSAGES_PER_ANNOUNCE = 256
+ANNOUNCED_CAP = 64
+ANNOUNCED_TTL_S = 60
 # A message drains its queue for at most this long, then re-announces and frees its Celery slot.
 DRAIN_BUDGET_S = 5.0
 
@@ -44,11 +46,31 @@ _broker: redis.Redis | None = None
 
 
 def announce(queue: str, level: int, count: int = 1) -> None:
-    """Send enough "work is ready" messages for ``count`` new tasks (work-ready listener)."""
-    size = services().settings.worker_take_size
-    messages = min(max(1, math.ceil(count / size)), MAX_MESSAGES_PER_ANNOUNCE)
-    for _ in range(messages):
+    """Send enough "work is ready" messages for ``count`` new tasks (work-ready listener).
+
+    Each message drains many tasks, so at most ``ANNOUNCED_CAP`` wait per queue level: a put
+    into a busy queue sends nothing. The count forgets itself every ``ANNOUNCED_TTL_S`` seconds,
+    so a message lost with a dead worker cannot silence a queue for long.
+    """
+    svc = services()
+    wanted = min(max(1, math.ceil(count / svc.settings.worker_take_size)), MAX_MESSAGES_PER_ANNOUNCE)
+    key = svc.key("announced", queue, str(level))
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.set(key, 0, ex=ANNOUNCED_TTL_S, nx=True)
+    pipe.incrby(key, wanted)
+    outstanding = pipe.execute()[1]
+    send = max(0, min(wanted, ANNOUNCED_CAP - (outstanding - wanted)))
+    if send < wanted:
+        svc.redis.decrby(key, wanted - send)
+    for _ in range(send):
         consume.apply_async((queue, level), queue=level_queue(level))
+
+
+def _received(queue: str, level: int, svc: Services) -> None:
+    """A consume message arrived: one fewer is waiting."""
+    key = svc.key("announced", queue, str(level))
+    if svc.redis.decr(key) < 0:
+        svc.redis.set(key, 0, ex=ANNOUNCED_TTL_S)
 
 
 def queue_config(name: str) -> dict | None:
@@ -225,6 +247,15 @@ class _Drain:
             task_service.complete_many(self.finished)
             self.finished = {}
 
+    def again(self) -> None:
+        """Come back to this queue later (a counted message, like every announcement)."""
+        key = self.svc.key("announced", self.queue, str(self.level))
+        pipe = self.svc.redis.pipeline(transaction=False)
+        pipe.set(key, 0, ex=ANNOUNCED_TTL_S, nx=True)
+        pipe.incr(key)
+        pipe.execute()
+        consume.apply_async((self.queue, self.level), queue=level_queue(self.level), countdown=self.again_in)
+
     def run(self) -> int:
         started = time.monotonic()
         taking = self.refill(started)
@@ -234,7 +265,7 @@ class _Drain:
                 taking = self.refill(started)
         self.flush()
         if self.again_in is not None:
-            consume.apply_async((self.queue, self.level), queue=level_queue(self.level), countdown=self.again_in)
+            self.again()
         return self.taken
 
 
@@ -242,6 +273,7 @@ class _Drain:
 def consume(queue: str, level: int) -> int:
     """Take work of ``queue:level`` with the queue's strategy, run it, complete it."""
     svc = services()
+    _received(queue, level, svc)
     config = queue_config(queue)
     if config is None or not config["builtin"]:
         return 0
