@@ -397,20 +397,8 @@ def bench_held(dep: Deployment, args: argparse.Namespace) -> dict[str, Any]:
         "web": f"1 host: gunicorn -k gevent -w {args.web_workers} --worker-connections 20000",
         "workers": f"{args.held_workers} x celery -P gevent -c {args.held_concurrency}",
     }
-    # 1. bellaq as it is: a held request keeps its pooled SQL connection (see benchlib)
-    out["as_is"] = []
-    for n in [int(x) for x in args.held_as_is.split(",") if x.strip()]:
-        t0 = time.perf_counter()
-        run = _run_hold_client(dep, "held", n, ramp=args.held_ramp, timeout=args.held_timeout)
-        out["as_is"].append({"requests": n, "answered_ok": run["ok"], "statuses": run["statuses"],
-                             "errors": run["errors"], "seconds": time.perf_counter() - t0,
-                             "latency": run["latency"]})
-    # 2. the same web with the proposed fix applied by the bench: how much a held request costs
     if args.held:
-        dep.stack.stop_web()
-        dep.stack.start_web(workers=args.web_workers, worker_connections=20000, backlog=4096, timeout=300,
-                            app="scripts.benchlib:held_fix_app")
-        out["with_session_fix"] = _held_rss(dep, args)
+        out["bellaq"] = _held_rss(dep, args)
     dep.stack.stop_workers()
     return out
 
@@ -442,7 +430,7 @@ def _held_rss(dep: Deployment, args: argparse.Namespace) -> dict[str, Any]:
     peak = max(rss for _, rss in samples)
     peak_inflight = run.get("peak_inflight", 0)
     return {
-        "web_app": "scripts.benchlib:held_fix_app (bellaq.wsgi:app + SQL connection handed back after the put)",
+        "web_app": "bellaq.wsgi:app",
         "requests": args.held,
         "client": f"1 gevent process, one connection per request, opened at {args.held_ramp:g}/s",
         "answered_ok": run["ok"],
@@ -632,12 +620,9 @@ def print_report(results: dict[str, Any]) -> None:
                      ", ".join(f"{b['pool']}: {b['p50_ms']:.1f} / {b['p99_ms']:.1f} ms" for b in rtt["bare_celery"]),
                      f"{rtt['bellaq_p50_vs_best_bare_celery_p50']:.2f}x best p50"))
     for held in [v for k, v in sorted(results.items()) if k.startswith("held")]:
-        for r in held.get("as_is", []):
-            rows.append((f"3 held, bellaq as is ({r['requests']:,} x {held['upstream_latency_s']:g} s)",
-                         f"{r['answered_ok']:,} ok", f"{r['statuses']}, {r['seconds']:.0f} s", ""))
-        fix = held.get("with_session_fix")
+        fix = held.get("bellaq")
         if fix:
-            rows.append((f"3 held, session fix ({fix['requests']:,} x {held['upstream_latency_s']:g} s)",
+            rows.append((f"3 held ({fix['requests']:,} x {held['upstream_latency_s']:g} s)",
                          f"{fix['answered_ok']:,} ok, {fix['peak_rss_per_held_request_kb']:.1f} KB each",
                          f"peak in flight {fix['peak_in_flight']:,}, {fix['seconds']:.0f} s", ""))
     st = results.get("stream")
@@ -673,10 +658,8 @@ def main() -> None:
     parser.add_argument("--held-latency", type=float, default=5.0, help="mock latency for them (default 5 s)")
     parser.add_argument("--held-ramp", type=float, default=150.0,
                         help="new connections per second (default 150: about what one web host can put per "
-                             "second here; faster, and puts wait > 30 s for a pooled SQL connection)")
+                             "second here)")
     parser.add_argument("--held-timeout", type=float, default=600.0, help="task timeout of the held puts")
-    parser.add_argument("--held-as-is", default="100,300",
-                        help="sizes run first against bellaq as it is (comma-separated; default 100,300)")
     parser.add_argument("--held-workers", type=int, default=4, help="Celery worker processes for held")
     parser.add_argument("--held-concurrency", type=int, default=512, help="their gevent concurrency")
     parser.add_argument("--keep-logs", default=None, help="copy every process's log to this directory at the end")

@@ -518,47 +518,12 @@ def _make_bare_celery() -> Any:
 _bare: Any = None
 
 
-def _make_held_fix_app() -> Any:
-    """``bellaq.wsgi:app`` with one change, for measuring held requests as designed: a blocking or
-    streaming put hands its SQL connection back before it waits (``gunicorn
-    scripts.benchlib:held_fix_app``).
-
-    As bellaq is now, ``tasks.put`` reads the task after its commit (``task_payload``), which
-    expires and reloads it in a new transaction; that transaction, and its pooled connection,
-    stays open for as long as ``online.blocking``/``online.streaming`` hold the request. The SQL
-    pool (SQLite: 5 + 10 overflow per process) then caps the requests held at once, and the
-    others fail with SQLAlchemy's 30 s pool timeout (500). Here the loaded task is detached and
-    the transaction ended right after the put, which is what the fix in bellaq should do.
-    """
-    import bellaq.online as online
-    from bellaq.extensions import db
-    from bellaq.wsgi import app
-
-    original = online.put
-
-    def put(principal: Any, body: dict[str, Any], task_id: str | None = None) -> Any:
-        task = original(principal, body, task_id=task_id)
-        db.session.expunge(task)  # keeps its loaded attributes, never reloads
-        db.session.rollback()  # ends the read transaction: the connection goes back to the pool
-        return task
-
-    online.put = put
-    return app
-
-
-_held_fix: Any = None
-
-
 def __getattr__(name: str) -> Any:
-    global _bare, _held_fix
+    global _bare
     if name == "bare_celery":
         if _bare is None:
             _bare = _make_bare_celery()
         return _bare
-    if name == "held_fix_app":
-        if _held_fix is None:
-            _held_fix = _make_held_fix_app()
-        return _held_fix
     raise AttributeError(name)
 
 
