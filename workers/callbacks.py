@@ -25,10 +25,10 @@ _session = requests.Session()
 
 
 def schedule(tasks: list[Task]) -> None:
-    """Task-end listener: queue a delivery for every ended callback task."""
-    for task in tasks:
-        if task.response_mode == "callback" and task.callback_url:
-            deliver.apply_async((task.id,), queue=CONTROL_QUEUE)
+    """Task-end listener: one message delivers the first attempt of every ended callback task."""
+    ids = [task.id for task in tasks if task.response_mode == "callback" and task.callback_url]
+    if ids:
+        deliver_many.apply_async((ids,), queue=CONTROL_QUEUE)
 
 
 def backoff(attempt: int, base: float = 1.0) -> float:
@@ -41,8 +41,19 @@ def _record(task_id: str, status: str) -> None:
     db.session.commit()
 
 
+@celery.task(name="bellaq.deliver_callbacks", ignore_result=True)
+def deliver_many(task_ids: list[str]) -> list[str]:
+    """First delivery attempts of tasks that ended together; failures retry one by one."""
+    return [attempt_delivery(task_id) for task_id in task_ids]
+
+
 @celery.task(name="bellaq.deliver_callback", ignore_result=True)
 def deliver(task_id: str, attempt: int = 1, msg_id: str | None = None) -> str:
+    """A retry of one delivery."""
+    return attempt_delivery(task_id, attempt, msg_id)
+
+
+def attempt_delivery(task_id: str, attempt: int = 1, msg_id: str | None = None) -> str:
     """One delivery attempt; schedules the next one on failure until the attempts run out."""
     settings = services().settings
     task = db.session.get(Task, task_id)
