@@ -37,6 +37,18 @@ def mock(server: MockUpstream) -> Iterator[MockUpstream]:
     server.reset()
 
 
+def read_request(conn: socket.socket) -> bytes:
+    """Read one whole HTTP request: closing with unread bytes would reset the connection."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += conn.recv(65536)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return body
+
+
 def client_for(mock: MockUpstream, **kwargs: float) -> UpstreamClient:
     options: dict = {"backoff_base": 0.01, "backoff_max": 5.0, "timeout": 10.0}
     options.update(kwargs)
@@ -245,14 +257,7 @@ def test_2xx_non_json_is_502() -> None:
     def answer() -> None:
         conn, _ = listener.accept()
         with conn:
-            # read the whole request: closing with unread bytes would reset the connection
-            raw = b""
-            while b"\r\n\r\n" not in raw:
-                raw += conn.recv(65536)
-            head, _, body = raw.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            while len(body) < length:
-                body += conn.recv(65536)
+            read_request(conn)
             page = b"<html>please log in</html>"
             conn.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
@@ -378,14 +383,7 @@ def test_stream_from_http10_server_without_chunking() -> None:
     def answer() -> None:
         conn, _ = listener.accept()
         with conn:
-            # read the whole request: closing with unread bytes would reset the connection
-            raw = b""
-            while b"\r\n\r\n" not in raw:
-                raw += conn.recv(65536)
-            head, _, body = raw.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            while len(body) < length:
-                body += conn.recv(65536)
+            read_request(conn)
             conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
             conn.sendall(("data: " + base + '"delta":{"role":"assistant","content":"hi"}}]}\r\n\r\n').encode())
             release.wait(5)  # held until the client saw the first chunk
