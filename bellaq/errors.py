@@ -13,6 +13,13 @@ log = logging.getLogger(__name__)
 RETRYABLE = {408, 409, 429}
 
 
+def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    """The OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}``: the one builder
+    of it, for API errors, task results written by bellaq, and the mock upstream."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 class ApiError(Exception):
     """An error with an HTTP status, rendered as ``{"error": {...}}``."""
 
@@ -38,7 +45,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.code, self.param)
 
 
 class BadRequest(ApiError):
