@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from flask import Flask
 
 from bellaq.config import Settings
 
 __version__ = "0.1.0"
 
+Plugin = Callable[[Flask], None]
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """The application factory: one Flask app per process (web or worker)."""
+
+def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ()) -> Flask:
+    """The application factory: one Flask app per process (web or worker).
+
+    ``plugins`` are called with the app once it is built; the entry points that run with the
+    Celery side (``bellaq.wsgi``, the CLI, ``workers.celery_app``) pass ``workers.hooks.install``,
+    which adds the listeners that hand work to Celery (see :class:`bellaq.services.Services`).
+    """
     from bellaq.api import register_blueprints
     from bellaq.errors import register_error_handlers
     from bellaq.eventbus import EventBus
@@ -38,17 +47,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     svc.on_task_end.append(publish_completions)
     register_error_handlers(app)
     register_blueprints(app)
-    _install_plugins(app)
+    for plugin in plugins:
+        plugin(app)
     return app
-
-
-def _install_plugins(app: Flask) -> None:
-    """Hooks of the Celery side (dispatch, callbacks, batch progress), when it is installed."""
-    try:
-        from workers.hooks import install
-    except ModuleNotFoundError:
-        return
-    install(app)
 
 
 def engine_options(url: str) -> dict:

@@ -13,8 +13,9 @@ from bellaq import create_app
 
 def _app() -> Flask:
     from bellaq.db import init_db
+    from workers.hooks import install  # the CLI is an entry point: it wires the Celery side in
 
-    app = create_app()
+    app = create_app(plugins=(install,))
     init_db(app)
     return app
 

@@ -91,7 +91,7 @@ def run(port: int | None = None) -> None:
     web_port = port or settings.port
     procs.append(subprocess.Popen([*cli, "serve", "--port", str(web_port)], env=env, start_new_session=True))
     procs.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                                   "-P", "gevent", "-c", "100", "--loglevel", "INFO", "-Q", worker_queues()],
+                                   "-P", "gevent", "-c", "100", "--loglevel", "INFO"],
                                   env=env, start_new_session=True))
     procs.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
                                    "--loglevel", "WARNING", "-s", str(instance / "beat-schedule")],
@@ -125,8 +125,3 @@ def run(port: int | None = None) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
-
-def worker_queues() -> str:
-    from workers.celery_app import ALL_QUEUES
-
-    return ",".join(ALL_QUEUES)

@@ -42,6 +42,8 @@ class ApiError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+            if status >= 500 and type(self).type == ApiError.type:
+                self.type = "server_error"  # never "invalid_request_error" on a 5xx
         self.headers = headers or {}
 
     def to_dict(self) -> dict:
@@ -87,9 +89,11 @@ class TooMany(ApiError):
 
 
 class Unavailable(ApiError):
+    """503: a dependency is down and nothing was kept, so the same request may simply be retried."""
+
     status = 503
     type = "server_error"
-    code = "dependency_unavailable"
+    code = "service_unavailable"
 
 
 def error_response(err: ApiError) -> Response:
@@ -99,6 +103,8 @@ def error_response(err: ApiError) -> Response:
         response.headers[name] = value
     if 400 <= err.status < 500 and err.status not in RETRYABLE:
         response.headers["x-should-retry"] = "false"
+    elif err.status == 503:
+        response.headers["x-should-retry"] = "true"
     return response
 
 
@@ -128,10 +134,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:
+        from kombu.exceptions import OperationalError as BrokerError
         from redis.exceptions import RedisError
         from sqlalchemy.exc import OperationalError
 
-        if isinstance(err, RedisError | OperationalError):
+        if isinstance(err, RedisError | OperationalError | BrokerError):
             log.warning("dependency error on %s: %s", request.path, err)
             return error_response(Unavailable("A dependency (Redis or SQL) is unavailable; retry shortly."))
         log.exception("unhandled error on %s", request.path)

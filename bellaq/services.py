@@ -21,10 +21,14 @@ if TYPE_CHECKING:
 
 TaskListener = Callable[[list["Task"]], None]
 WorkListener = Callable[[str, int, int], None]
+BatchListener = Callable[[str], None]
 
 
 @dataclass
 class Services:
+    """What every part of a process shares, and the listeners through which the service hands
+    work to whatever executes it (the Celery side adds them: ``workers.hooks.install``)."""
+
     settings: Settings
     redis: redis.Redis
     engine: QueueEngine
@@ -33,6 +37,10 @@ class Services:
     on_task_end: list[TaskListener] = field(default_factory=list)
     # Called with (queue, level, count) when tasks become takeable on a built-in queue.
     on_work_ready: list[WorkListener] = field(default_factory=list)
+    # Called with the id of a batch just created (its input must be validated and ingested).
+    on_batch_created: list[BatchListener] = field(default_factory=list)
+    # Called with the id of a batch whose cancel began (its unfinished tasks must be ended).
+    on_batch_ending: list[BatchListener] = field(default_factory=list)
     _storage: Any = None
 
     @property
@@ -50,6 +58,14 @@ class Services:
     def work_ready(self, queue: str, level: int, count: int = 1) -> None:
         for listener in self.on_work_ready:
             listener(queue, level, count)
+
+    def batch_created(self, batch_id: str) -> None:
+        for listener in self.on_batch_created:
+            listener(batch_id)
+
+    def batch_ending(self, batch_id: str) -> None:
+        for listener in self.on_batch_ending:
+            listener(batch_id)
 
     def engine_marker_present(self) -> bool:
         """False once Redis has lost its data (the marker is set after every recovery)."""

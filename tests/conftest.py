@@ -82,7 +82,9 @@ def settings(tmp_path: Path, redis_prefix: str, database_url: str) -> Settings:
 @contextmanager
 def running_app(settings: Settings) -> Iterator[Flask]:
     """An app on ``settings`` with its schema; its connections are closed afterwards."""
-    app = create_app(settings)
+    from workers.hooks import install
+
+    app = create_app(settings, plugins=(install,))
     app.config["TESTING"] = True
     init_db(app)
     yield app

@@ -145,5 +145,21 @@ def test_nothing_half_written_when_redis_is_down(app, client, setup, monkeypatch
         before = db.session.query(Task).count()
     resp = client.post("/v1/queue/put", json=GOOD_PUT, headers=headers["user"])
     assert resp.status_code == 503 and resp.json["error"]["type"] == "server_error"
+    assert resp.headers["x-should-retry"] == "true"  # nothing was kept: a retry is safe
     with app.app_context():
         assert db.session.query(Task).count() == before
+
+
+def test_an_unexpected_failure_is_a_500_server_error_without_details(client, setup, monkeypatch):
+    from bellaq import tasks
+
+    headers, task = setup
+
+    def broken(*_a, **_k):
+        raise RuntimeError("secret internals /etc/passwd")
+
+    monkeypatch.setattr(tasks, "owned_task", broken)
+    resp = client.get(f"/v1/queue/{task}", headers=headers["user"])
+    assert resp.status_code == 500
+    assert resp.json["error"]["type"] == "server_error" and resp.json["error"]["code"] == "server_error"
+    assert "secret" not in resp.get_data(as_text=True)

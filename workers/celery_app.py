@@ -6,7 +6,6 @@ Start a worker with ``celery -A workers.celery_app worker -Q bellaq.l0,bellaq.l1
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from typing import Any
 
@@ -18,10 +17,7 @@ from bellaq.config import Settings
 
 LEVELS = range(10)
 CONTROL_QUEUE = "bellaq.control"
-TASK_MODULES = [
-    name for name in ("workers.consumer", "workers.callbacks", "workers.maintenance", "workers.batches")
-    if importlib.util.find_spec(name) is not None
-]
+TASK_MODULES = ["workers.consumer", "workers.callbacks", "workers.maintenance", "workers.batches"]
 
 
 def level_queue(level: int) -> str:
@@ -115,8 +111,9 @@ def get_flask_app() -> Flask:
     if _flask_app is None:
         from bellaq import create_app
         from bellaq.db import init_db
+        from workers.hooks import install
 
-        app = create_app()
+        app = create_app(plugins=(install,))
         init_db(app)
         bind(app)
     assert _flask_app is not None

@@ -6,13 +6,7 @@ from flask import Flask
 
 
 def register_blueprints(app: Flask) -> None:
-    from bellaq.api import health, keys, queues, tasks
+    from bellaq.api import batches, files, health, keys, queues, tasks
 
-    for module in (health, keys, queues, tasks):
-        app.register_blueprint(module.bp)
-    for optional in ("files", "batches"):
-        try:
-            module = __import__(f"bellaq.api.{optional}", fromlist=["bp"])
-        except ModuleNotFoundError:
-            continue
+    for module in (health, keys, queues, tasks, files, batches):
         app.register_blueprint(module.bp)

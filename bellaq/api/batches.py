@@ -25,11 +25,9 @@ def create():
     body = json_body()
 
     def make() -> tuple[dict, int]:
-        from workers.batches import dispatch_ingest
-
         batch = batches.create(principal, body, request.headers.get(QUEUE_HEADER))
         try:
-            dispatch_ingest(batch.id)
+            services().batch_created(batch.id)
         except (RedisError, OSError) as err:
             batches.discard(batch.id)
             raise Unavailable("The task broker (Redis) is unavailable; the batch was not created.") from err
@@ -55,8 +53,6 @@ def retrieve(batch_id: str):
 @bp.post("/<batch_id>/cancel")
 @require("user")
 def cancel(batch_id: str):
-    from workers.batches import dispatch_end
-
     batch = batches.cancel(current_principal(), batch_id)
-    dispatch_end(batch.id)
+    services().batch_ending(batch.id)
     return jsonify(batches.public(batch))
