@@ -517,3 +517,9 @@ def test_subprocess_mock_takes_the_limit_flags_and_reports_stats(tmp_path: Path)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_json_nested_too_deep_is_400(mock: MockUpstream) -> None:
+    resp = requests.post(mock.url("/v1/chat/completions"), data=b"[" * 100_000 + b"]" * 100_000, timeout=10)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"

@@ -196,7 +196,7 @@ class MockUpstreamApp:
         if not too_large:
             try:
                 body = json.loads(raw) if raw else None
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, bad UTF-8, or nested too deep
                 bad_json = True
         state.note(method, path, body, environ)
 
