@@ -1,0 +1,3 @@
+from bellaq.mock_upstream.server import main
+
+main()
