@@ -11,6 +11,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.service import Service
 
 from bellaq.batches import task_id_for
 from tests.batch_fixtures import chat_line, create_batch, jsonl
@@ -138,9 +141,6 @@ class Dashboard:
     """The page in headless Chromium, driven through Debian's chromedriver."""
 
     def __init__(self, base_url: str, tmp_path: Path) -> None:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
         self.downloads = tmp_path / "downloads"
         self.downloads.mkdir()
         options = webdriver.ChromeOptions()
@@ -184,8 +184,6 @@ class Dashboard:
             wait_for(self._accept_alert, message="the confirmation dialog")
 
     def _accept_alert(self) -> bool:
-        from selenium.common.exceptions import NoAlertPresentException
-
         try:
             self.driver.switch_to.alert.accept()
         except NoAlertPresentException:
