@@ -88,8 +88,6 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """SIGTERM to every group (last started first), then SIGKILL to whatever is left."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         for proc in reversed(self.procs):
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
@@ -142,6 +140,8 @@ def run(port: int | None = None, host: str = "127.0.0.1") -> None:
     except Stop as stop:
         print(f"\n{stop}: stopping", file=sys.stderr, flush=True)
     finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         supervisor.stop_all()
 
 

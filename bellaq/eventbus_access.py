@@ -70,7 +70,7 @@ def user_url(redis_url: str, user: str, password: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     if parts.scheme == "unix":
         query += [("username", user), ("password", password)]
-        return urlunsplit((parts.scheme, host, parts.path, urlencode(query), ""))
+        return f"unix://{host}{parts.path}?{urlencode(query)}"  # urlunsplit drops the "//" of an empty host
     netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
 

@@ -239,7 +239,8 @@ def test_the_error_says_what_is_wrong(client, setup):
         b'{"a": 1, "a": 2}': 'the key "a" appears twice',
     }
     for payload, text in said.items():
-        resp = client.post("/v1/queue/put", data=payload, headers={**headers["user"], "Content-Type": "application/json"})
+        resp = client.post("/v1/queue/put", data=payload,
+                           headers={**headers["user"], "Content-Type": "application/json"})
         assert text in resp.json["error"]["message"]
 
 
