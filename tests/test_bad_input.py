@@ -348,7 +348,7 @@ def post_form(client, headers, body: bytes, content_type: str = "multipart/form-
     return client.post("/v1/files", data=body, headers={**headers, "Content-Type": content_type})
 
 
-def test_too_many_parts_is_400_naming_the_problem(client, setup, settings):
+def test_too_many_parts_is_400_naming_the_problem(app, client, setup):
     from bellaq.files import MAX_PARTS
 
     headers, _task = setup
@@ -358,7 +358,7 @@ def test_too_many_parts_is_400_naming_the_problem(client, setup, settings):
     assert resp.json["error"]["code"] == "too_many_parts" and str(MAX_PARTS) in resp.json["error"]["message"]
     ok = post_form(client, headers["user"], form([*parts[:MAX_PARTS - 1], ("file", "a.jsonl", b"{}\n")]))
     assert ok.status_code == 200, ok.json
-    with running_app(settings) as app, app.app_context():
+    with app.app_context():
         from bellaq.extensions import db
         from bellaq.models import File
 
