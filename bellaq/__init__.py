@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     from bellaq.extensions import db
     from bellaq.online import publish_completions
     from bellaq.services import build_services
+    from bellaq.validation import check_path_values
 
     settings = settings or Settings.from_env()
     app = Flask(__name__, instance_path=str(settings.instance_dir.resolve()))
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     app.extensions["bellaq.eventbus"] = EventBus(svc.redis, settings.redis_prefix, svc.instance_id)
     svc.on_task_end.append(publish_completions)
     register_error_handlers(app)
+    app.url_value_preprocessor(check_path_values)
     register_blueprints(app)
     for plugin in plugins:
         plugin(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -12,6 +13,23 @@ from bellaq.errors import Forbidden, Unauthorized
 from bellaq.keys import Principal, authenticate
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Keys are visible ASCII (bellaq's own are ``bq-`` + URL-safe base64); anything else in the
+# header is refused before any comparison, which would raise on non-ASCII text.
+_KEY_RE = re.compile(r"[\x21-\x7e]{1,512}")
+
+
+def bearer_key() -> str:
+    """The raw key of the ``Authorization: Bearer <key>`` header, or a 401 that says what is wrong."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, raw = header.strip(" \t").partition(" ")
+    raw = raw.strip(" \t")
+    if scheme.lower() != "bearer" or not raw:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <api key>'.", code="missing_api_key")
+    if not _KEY_RE.fullmatch(raw):
+        raise Unauthorized("The API key is malformed: a key is 1 to 512 visible ASCII characters, with no spaces "
+                           "or control characters. Send the key exactly as it was issued.")
+    return raw
 
 
 def current_principal() -> Principal:
@@ -26,13 +44,7 @@ def require(*roles: str) -> Callable[[F], F]:
     def decorator(view: F) -> F:
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            header = request.headers.get("Authorization", "")
-            scheme, _, raw = header.partition(" ")
-            if scheme.lower() != "bearer" or not raw.strip():
-                raise Unauthorized(
-                    "Missing API key: send 'Authorization: Bearer <api key>'.", code="missing_api_key"
-                )
-            principal = authenticate(raw.strip(), current_app.config["BELLAQ"].admin_key)
+            principal = authenticate(bearer_key(), current_app.config["BELLAQ"].admin_key)
             if principal is None:
                 raise Unauthorized("Unknown or deleted API key.")
             if principal.role not in allowed:

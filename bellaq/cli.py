@@ -32,9 +32,12 @@ def db_group() -> None:
 
 @db_group.command("init")
 def db_init() -> None:
-    """Create every table that does not exist yet (safe to run again)."""
-    _app()
+    """Create every table that does not exist yet, and the event-bus Redis user (safe to run again)."""
+    from bellaq.eventbus_access import prepare
+
+    app = _app()
     click.echo("database ready")
+    click.echo(prepare(app.config["BELLAQ"], app.extensions["bellaq"].redis))
 
 
 @main.group("keys")
@@ -92,17 +95,20 @@ def mock_upstream(ctx: click.Context) -> None:
 
 @main.command("dev")
 @click.option("--port", type=int, default=None, help="Web port; defaults to $PORT or 8080.")
-def dev(port: int | None) -> None:
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the web process binds; 0.0.0.0 exposes it to the network.")
+def dev(port: int | None, host: str) -> None:
     """Run everything on this machine (Redis, mock upstream, web, worker, beat) and print an admin key."""
     from bellaq.devstack import run
 
-    run(port)
+    run(port, host)
 
 
 @main.command("serve")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option("--port", type=int, default=None, help="Defaults to $PORT or 8080.")
 @click.option("--workers", type=int, default=None, help="Defaults to $WEB_CONCURRENCY or 2.")
-def serve(port: int | None, workers: int | None) -> None:
+def serve(host: str, port: int | None, workers: int | None) -> None:
     """Run the API with gunicorn and gevent workers (what the Procfile's web process runs)."""
     import os
 
@@ -113,7 +119,7 @@ def serve(port: int | None, workers: int | None) -> None:
         sys.executable, "-m", "gunicorn", "bellaq.wsgi:app",
         "--worker-class", "gevent",
         "--workers", str(workers or settings.web_concurrency),
-        "--bind", f"0.0.0.0:{port or settings.port}",
+        "--bind", f"[{host}]:{port or settings.port}" if ":" in host else f"{host}:{port or settings.port}",
         "--worker-connections", "20000",
         "--timeout", "120",
         "--graceful-timeout", "30",

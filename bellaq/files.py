@@ -28,6 +28,8 @@ from bellaq.storage import CHUNK_SIZE, FileTooLarge
 
 MAX_FIELD_BYTES = 4096
 MAX_PARTS = 16
+MAX_PENDING = 64 * 1024
+MAX_BOUNDARY = 200
 MAX_FILENAME = 255
 
 
@@ -47,8 +49,12 @@ def storage_key(file_id: str) -> str:
 # ------------------------------------------------------------------------------------------ upload
 
 def _events(stream: BinaryIO, boundary: bytes) -> Iterator[Field | FilePart | Data]:
-    """The multipart events of ``stream`` (fields, file parts, data), read in chunks."""
-    decoder = MultipartDecoder(boundary, max_parts=MAX_PARTS)
+    """The multipart events of ``stream`` (fields, file parts, data), read in chunks.
+
+    Parts are counted here rather than by the decoder, whose own limit answers a misleading 413.
+    """
+    decoder = MultipartDecoder(boundary)
+    parts = 0
     while True:
         chunk = stream.read(CHUNK_SIZE)
         decoder.receive_data(chunk or None)
@@ -58,7 +64,19 @@ def _events(stream: BinaryIO, boundary: bytes) -> Iterator[Field | FilePart | Da
                 break
             if isinstance(event, Epilogue):
                 return
+            if isinstance(event, Field | FilePart):
+                parts += 1
+                if parts > MAX_PARTS:
+                    raise BadRequest(f"The form has more than {MAX_PARTS} parts; send a 'file' part and a "
+                                     "'purpose' field.", code="too_many_parts")
+                if not event.name:
+                    raise BadRequest("A form part has no name; name the parts 'file' and 'purpose'.",
+                                     code="invalid_multipart")
             yield event  # type: ignore[misc]
+        if len(decoder.buffer) > MAX_PENDING:
+            # Still looking for a boundary or the end of a part's headers: refuse rather than buffer.
+            raise BadRequest(f"The multipart body has a preamble or part headers longer than {MAX_PENDING} bytes.",
+                             code="invalid_multipart")
         if not chunk:
             raise BadRequest("The multipart body ended before its closing boundary; send the whole form.",
                              code="invalid_multipart")
@@ -98,16 +116,17 @@ def upload(principal: Principal, get_stream: Callable[[], BinaryIO], content_typ
         raise TooLarge(f"The upload is {content_length} bytes; a file may be at most {limit} bytes.",
                        param="file", code="file_too_large")
     mimetype, options = parse_options_header(content_type or "")
-    boundary = options.get("boundary", "").encode("latin-1")
-    if mimetype != "multipart/form-data" or not boundary:
-        raise BadRequest("Send multipart/form-data with a 'file' part and a 'purpose' field.",
+    boundary = options.get("boundary", "")
+    if mimetype != "multipart/form-data" or not 0 < len(boundary) <= MAX_BOUNDARY or not boundary.isascii():
+        raise BadRequest("Send multipart/form-data (with an ASCII boundary of at most "
+                         f"{MAX_BOUNDARY} characters) holding a 'file' part and a 'purpose' field.",
                          code="invalid_content_type")
     file_id = new_file_id()
     key = storage_key(file_id)
     fields: dict[str, str] = {}
     stored: tuple[str, int] | None = None
     try:
-        events = _events(get_stream(), boundary)
+        events = _events(get_stream(), boundary.encode("ascii"))
         for event in events:
             if isinstance(event, FilePart) and event.name == "file" and stored is None:
                 if "purpose" in fields:

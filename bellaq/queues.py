@@ -1,4 +1,5 @@
-"""Registered queues: registration, lookup, and the default queue of an endpoint and model."""
+"""Registered queues: registration, lookup, what each role sees of one, and the default queue of
+an endpoint and model."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ from typing import Any
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, NotFound
 from bellaq.extensions import db
+from bellaq.keys import Principal
 from bellaq.models import Queue
 from bellaq.queue_engine import QUEUE_NAME_RE, STRATEGIES, parse_full_queue
+from bellaq.services import services
+from bellaq.upstream_rules import BUILTIN_ENDPOINTS, base_url_problem, endpoint_problem, key_env_problem
 from bellaq.validation import choice_field, field, int_field
-
-ENDPOINT_RE = re.compile(r"^/v1/[A-Za-z0-9_\-/.]{1,240}$")
 
 
 def check_endpoint(endpoint: str, param: str = "endpoint") -> str:
-    if not ENDPOINT_RE.match(endpoint):
-        raise BadRequest(
-            f"'{endpoint}' is not an endpoint path; use a path such as /v1/chat/completions.", param=param
-        )
+    problem = endpoint_problem(endpoint)
+    if problem is not None:
+        raise BadRequest(f"'{endpoint[:80]}' is not an endpoint path: {problem}. Use a normalised path such as "
+                         "/v1/chat/completions.", param=param, code="invalid_endpoint")
     return endpoint
 
 
@@ -67,12 +69,15 @@ def register(body: dict[str, Any]) -> Queue:
     if upstream is not None:
         base_url = field(upstream, "base_url", str, None)
         key_env = field(upstream, "api_key_env", str, None)
-        if base_url is not None and not re.match(r"^https?://[^\s/]+", base_url):
-            raise BadRequest("upstream.base_url must be an http(s) URL such as http://vllm:8000.",
-                             param="upstream.base_url")
-        if key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", key_env):
-            raise BadRequest("upstream.api_key_env must be the name of an environment variable.",
-                             param="upstream.api_key_env")
+        problem = base_url_problem(base_url) if base_url is not None else None
+        if problem is not None:
+            raise BadRequest(f"upstream.base_url is refused: {problem}. Use an http(s) URL such as "
+                             "http://vllm:8000 or https://gateway/openai.", param="upstream.base_url",
+                             code="invalid_upstream")
+        problem = key_env_problem(key_env, services().settings.upstream_key_envs) if key_env is not None else None
+        if problem is not None:
+            raise BadRequest(f"upstream.api_key_env '{key_env[:128]}' is refused: {problem}.",
+                             param="upstream.api_key_env", code="key_env_not_allowed")
     now = now_ms()
     row = existing or Queue(name=name, created_at=now)
     row.endpoint = endpoint
@@ -87,6 +92,15 @@ def register(body: dict[str, Any]) -> Queue:
         db.session.add(row)
     db.session.commit()
     return row
+
+
+def public_view(row: Queue, principal: Principal) -> dict[str, Any]:
+    """The queue as ``principal`` may see it: admins see everything; users and workers see no
+    upstream (its URL and the name of its key variable are the operator's business)."""
+    out = row.to_dict()
+    if principal.role != "admin":
+        out.pop("upstream", None)
+    return out
 
 
 def get_queue(name: str) -> Queue:
@@ -113,7 +127,17 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
     name = default_queue_name(endpoint, model)
     row = db.session.get(Queue, name)
     if row is not None:
+        if row.endpoint != endpoint:
+            # Names are sanitised, so another endpoint can map onto a queue serving a different one.
+            raise BadRequest(f"The default queue of {endpoint} and this model ('{name}') serves {row.endpoint}; "
+                             "name a queue that serves your endpoint in 'queue'.", param=param,
+                             code="queue_not_registered")
         return row
+    if endpoint not in BUILTIN_ENDPOINTS:
+        raise BadRequest(f"No queue serves {endpoint} here. A queue is created on first use only for "
+                         f"{', '.join(BUILTIN_ENDPOINTS)}; ask an admin to register a queue for {endpoint} "
+                         "(POST /v1/queue/register) and name it in 'queue'.", param=param,
+                         code="queue_not_registered")
     now = now_ms()
     row = Queue(name=name, endpoint=endpoint, builtin=True, strategy="fifo", created_at=now, updated_at=now)
     db.session.add(row)

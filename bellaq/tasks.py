@@ -41,6 +41,7 @@ from bellaq.validation import choice_field, field, int_field
 
 MAX_LEVEL = 9
 MAX_TAKE = 1000
+MAX_CALLBACK_URL = 2048
 
 
 def new_task_id() -> str:
@@ -85,7 +86,11 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
     level = int_field(body, "level", 0, 0, MAX_LEVEL)
     mode = choice_field(body, "response_mode", RESPONSE_MODES, "callback")
     callback_url = field(body, "callback_url", str, None)
-    timeout = int_field(body, "timeout", settings.default_task_timeout, 1, 7 * 24 * 3600)
+    cap = settings.max_task_timeout
+    timeout = int_field(body, "timeout", min(settings.default_task_timeout, cap), 1, cap)
+    if callback_url is not None and len(callback_url) > MAX_CALLBACK_URL:
+        raise BadRequest(f"callback_url is longer than {MAX_CALLBACK_URL} characters.", param="callback_url",
+                         code="invalid_callback_url")
     if mode == "callback":
         if not callback_url:
             raise BadRequest("response_mode 'callback' needs a callback_url to POST the finished task to.",

@@ -6,7 +6,9 @@ monkey.patch_all()
 
 from bellaq import create_app  # noqa: E402
 from bellaq.db import init_db  # noqa: E402
+from bellaq.eventbus_access import prepare  # noqa: E402
 from workers.hooks import install  # noqa: E402  (an entry point: it wires the Celery side in)
 
 app = create_app(plugins=(install,))
 init_db(app)
+prepare(app.config["BELLAQ"], app.extensions["bellaq"].redis)

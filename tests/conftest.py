@@ -26,10 +26,14 @@ ADMIN_KEY = "bq-test-admin-key"
 
 
 def delete_prefix(url: str, prefix: str) -> None:
+    """Delete the prefix's keys and the event-bus ACL user a test may have made for it."""
+    from bellaq.eventbus_access import username
+
     client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     for start in range(0, len(keys), 500):
         client.delete(*keys[start:start + 500])
+    client.execute_command("ACL", "DELUSER", username(prefix))
     client.close()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import auth
@@ -96,3 +98,51 @@ def test_keys_cli_prints_a_working_key(settings, monkeypatch, tmp_path):
 
         stored = db.session.execute(db.select(ApiKey.key_hash)).scalars().all()
         assert raw not in stored  # only the hash is kept
+
+
+# --------------------------------------------------------------------------- malformed keys
+
+MALFORMED = ["Bearer caf\u00e9", "Bearer \u00ff\u00fe", "Bearer bq-\x01key", "Bearer bq\x7fkey",
+             "Bearer bq-test-admin-key\x00", "Bearer a b", "Bearer " + "k" * 600]
+
+
+@pytest.fixture(params=["admin key set", "admin key unset"])
+def any_app(request, settings):
+    from tests.conftest import running_app
+
+    with running_app(settings.replace(admin_key="bq-test-admin-key" if request.param == "admin key set" else "")) as a:
+        yield a
+
+
+@pytest.mark.parametrize("value", MALFORMED)
+def test_a_malformed_key_is_401_whether_or_not_an_admin_key_is_set(any_app, value):
+    resp = any_app.test_client().post("/v1/queue/put", json=PUT, headers={"Authorization": value})
+    assert resp.status_code == 401, resp.data
+    assert resp.json["error"]["type"] == "authentication_error"
+    assert set(resp.json["error"]) == {"message", "type", "param", "code"}
+
+
+def test_raw_non_ascii_header_bytes_over_real_http_are_401(any_app):
+    """What a hostile client really sends: UTF-8 or control bytes in the header, through a server."""
+    import http.client
+
+    from tests.conftest import LiveServer
+
+    with LiveServer(any_app) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for raw in (b"Bearer \xc3\xa9\xe2\x82\xac", b"Bearer bq-\xff\xfe", b"Bearer bq-test-admin-key\x01",
+                    b"Bearer \x80"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.putrequest("GET", "/v1/keys")
+            conn.putheader("Authorization", raw)
+            conn.endheaders()
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+            conn.close()
+            assert resp.status == 401, (raw, body)
+            assert body["error"]["type"] == "authentication_error"
+
+
+def test_the_admin_key_still_works_beside_the_checks(any_app):
+    resp = any_app.test_client().get("/v1/keys", headers=auth("bq-test-admin-key"))
+    assert resp.status_code == (200 if any_app.config["BELLAQ"].admin_key else 401)

@@ -32,14 +32,16 @@ def chat(client, admin):
 
 def test_register_then_metadata_returns_the_fields(client, admin, user):
     body = {"queue": "q-1", "endpoint": "/v1/embeddings", "builtin": False, "strategy": "round_robin",
-            "upstream": {"base_url": "http://vllm:8000", "api_key_env": "VLLM_KEY"}, "max_in_flight": 4,
+            "upstream": {"base_url": "http://vllm:8000", "api_key_env": "VLLM_API_KEY"}, "max_in_flight": 4,
             "rpm": 600}
     assert client.post("/v1/queue/register", json=body, headers=admin).status_code == 200
     meta = client.get("/v1/queue/q-1/metadata", headers=user).json
     assert meta["queue"] == "q-1" and meta["endpoint"] == "/v1/embeddings"
     assert meta["builtin"] is False and meta["strategy"] == "round_robin"
-    assert meta["upstream"] == {"base_url": "http://vllm:8000", "api_key_env": "VLLM_KEY"}
     assert (meta["max_in_flight"], meta["rpm"]) == (4, 600)
+    assert "upstream" not in meta  # the operator's business (SPEC 6)
+    meta = client.get("/v1/queue/q-1/metadata", headers=admin).json
+    assert meta["upstream"] == {"base_url": "http://vllm:8000", "api_key_env": "VLLM_API_KEY"}
 
 
 def test_registering_again_updates_the_queue(client, admin, chat):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from bellaq import stats as queue_stats
-from bellaq.auth import require
-from bellaq.queues import check_queue_name, full_queue, get_queue, register
+from bellaq.auth import current_principal, require
+from bellaq.queues import check_queue_name, full_queue, get_queue, public_view, register
 from bellaq.validation import json_body
 
 bp = Blueprint("queues", __name__)
@@ -22,7 +22,7 @@ def register_queue():
 @bp.get("/v1/queue/<name>/metadata")
 @require("user", "worker")
 def metadata(name: str):
-    return jsonify(get_queue(check_queue_name(name)).to_dict())
+    return jsonify(public_view(get_queue(check_queue_name(name)), current_principal()))
 
 
 @bp.get("/v1/queue/<name>/stats")

@@ -6,7 +6,9 @@ from flask import Blueprint, jsonify
 
 from bellaq import online, tasks
 from bellaq.auth import current_principal, require
+from bellaq.errors import Unavailable
 from bellaq.eventbus import progress_event, topic
+from bellaq.eventbus_access import EventbusUnavailable, worker_url
 from bellaq.idempotency import idempotent
 from bellaq.services import services
 from bellaq.validation import choice_field, field, json_body
@@ -82,5 +84,14 @@ def progress(task_id: str):
 @bp.get("/eventbus")
 @require("worker")
 def eventbus():
-    settings = services().settings
-    return jsonify({"url": settings.eventbus_url or settings.redis_url, "topic": topic(settings.redis_prefix)})
+    svc = services()
+    settings = svc.settings
+    url = settings.eventbus_url
+    if not url:
+        try:
+            url = worker_url(svc.redis, settings.redis_url, settings.redis_prefix)
+        except EventbusUnavailable as err:
+            raise Unavailable(f"This Redis cannot create the restricted user that workers write events with "
+                              f"({err}). The operator must set BELLAQ_EVENTBUS_URL to a Redis URL whose user may "
+                              f"XADD to {topic(settings.redis_prefix)}*.", code="eventbus_unavailable") from None
+    return jsonify({"url": url, "topic": topic(settings.redis_prefix)})
