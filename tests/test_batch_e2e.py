@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from bellaq import batches
+from bellaq.batches import output
 from tests.batch_fixtures import CHAT, chat_line, jsonl, read_jsonl, sdk, wait_for
 
 FINAL = ("completed", "failed", "expired", "cancelled")
@@ -33,7 +33,7 @@ def assert_each_custom_id_once(out: list[dict], err: list[dict], expected: set[s
 
 
 def test_a_100_line_batch_completes_with_builtin_workers(live_server, user, celery_worker, monkeypatch):
-    monkeypatch.setattr(batches, "SHARD_LINES", 17)  # several shards in the chord
+    monkeypatch.setattr(output, "SHARD_LINES", 17)  # several shards in the chord
     api = sdk(live_server.url, user)
     lines = [chat_line(f"req-{i}") for i in range(100)]
     for i in range(0, 100, 10):
