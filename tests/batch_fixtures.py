@@ -1,4 +1,4 @@
-"""Helpers shared by the Files and Batch API tests."""
+"""Helpers shared by the Files and Batch API tests, and two fixtures (import them to use them)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,42 @@ from collections.abc import Iterable
 from typing import Any
 
 import openai
+import pytest
 
 from tests.conftest import wait_for  # noqa: F401  (re-exported for the batch tests)
 
 CHAT = "/v1/chat/completions"
+QUEUE = {"X-BELLA-QUEUE-NAME": "ext"}
+
+
+@pytest.fixture(name="ext")
+def ext_queue(client, admin) -> str:
+    """A queue served only by external workers: nothing runs unless the test takes it."""
+    resp = client.post("/v1/queue/register", json={"queue": "ext", "endpoint": CHAT, "builtin": False}, headers=admin)
+    assert resp.status_code == 200
+    return "ext"
+
+
+@pytest.fixture(name="bound")
+def bound_app(app):
+    """Celery messages of this test go to its own Redis prefix (no worker consumes them here)."""
+    from workers.celery_app import bind
+
+    bind(app)
+    return app
+
+
+def take(client, worker, n: int, queue: str = "ext:1") -> list[dict]:
+    resp = client.post("/v1/queue/take", json={"queues": [queue], "size": n, "process_timeout": 600},
+                       headers=worker)
+    assert resp.status_code == 200, resp.json
+    return resp.json[queue]
+
+
+def complete(client, worker, task: dict, status: int = 200, body: dict | None = None):
+    body = body if body is not None else {"id": "chatcmpl-1", "object": "chat.completion", "echo": task["data"]}
+    return client.post(f"/v1/queue/{task['task_id']}/complete", headers=worker,
+                       json={"status_code": status, "request_id": f"req-{task['task_id'][-6:]}", "body": body})
 
 
 def sdk(base_url: str, headers: dict[str, str], **extra: Any) -> openai.OpenAI:

@@ -110,7 +110,7 @@ def test_cli_submit_wait_downloads_results(live_server, user, celery_worker, tmp
     path.write_bytes(jsonl(lines))
     env = {"BELLAQ_BASE_URL": live_server.url + "/v1", "BELLAQ_API_KEY": user["Authorization"].split()[1]}
     result = CliRunner().invoke(main, ["batch", "submit", str(path), "--endpoint", CHAT, "--wait",
-                                       "--interval", "0.2", "--metadata", "run=cli"], env=env)
+                                       "--metadata", "run=cli"], env=env)
     assert result.exit_code == 0, result.output
     batch_id = result.stdout.strip().splitlines()[-1]
     assert batch_id.startswith("batch_")

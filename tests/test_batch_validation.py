@@ -11,7 +11,7 @@ import pytest
 from bellaq.batches import ingest as batch_ingest
 from bellaq.batches import service, validation
 from bellaq.models import Batch, Task
-from tests.batch_fixtures import CHAT, chat_line, create_batch, jsonl
+from tests.batch_fixtures import CHAT, bound_app, chat_line, create_batch, jsonl  # noqa: F401  (a fixture)
 
 
 def check(data: bytes, endpoint: str = CHAT, max_lines: int = 50_000, max_bytes: int = 200 * 2**20,
@@ -76,15 +76,6 @@ def test_errors_are_capped_with_a_summary():
 
 
 # ------------------------------------------------------------------------- through the service
-
-@pytest.fixture
-def bound(app):
-    """Celery messages of this test go to its own Redis prefix (no worker consumes them here)."""
-    from workers.celery_app import bind
-
-    bind(app)
-    return app
-
 
 def ingest(app, batch_id: str) -> dict:
     with app.app_context():

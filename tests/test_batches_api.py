@@ -11,7 +11,20 @@ import pytest
 
 from bellaq.extensions import db
 from bellaq.models import Batch
-from tests.batch_fixtures import CHAT, chat_line, create_batch, jsonl, read_jsonl, sdk, upload, wait_for
+from tests.batch_fixtures import (  # noqa: F401  (ext_queue is a fixture)
+    CHAT,
+    QUEUE,
+    chat_line,
+    complete,
+    create_batch,
+    ext_queue,
+    jsonl,
+    read_jsonl,
+    sdk,
+    take,
+    upload,
+    wait_for,
+)
 
 BATCH_FIELDS = {
     "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window", "status",
@@ -19,28 +32,6 @@ BATCH_FIELDS = {
     "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata",
     "usage",
 }
-QUEUE = {"X-BELLA-QUEUE-NAME": "ext"}
-
-
-@pytest.fixture
-def ext(client, admin):
-    """A queue served only by external workers: nothing runs unless the test takes it."""
-    resp = client.post("/v1/queue/register", json={"queue": "ext", "endpoint": CHAT, "builtin": False}, headers=admin)
-    assert resp.status_code == 200
-    return "ext"
-
-
-def take(client, worker, n: int) -> list[dict]:
-    resp = client.post("/v1/queue/take", json={"queues": ["ext:1"], "size": n, "process_timeout": 600},
-                       headers=worker)
-    assert resp.status_code == 200, resp.json
-    return resp.json["ext:1"]
-
-
-def complete(client, worker, task: dict, status: int = 200, body: dict | None = None):
-    body = body if body is not None else {"id": "chatcmpl-1", "object": "chat.completion", "echo": task["data"]}
-    return client.post(f"/v1/queue/{task['task_id']}/complete", headers=worker,
-                       json={"status_code": status, "request_id": f"req-{task['task_id'][-6:]}", "body": body})
 
 
 def get(client, user, batch_id: str) -> dict:

@@ -178,7 +178,10 @@ def _error(line: int | None, code: str, message: str, param: str | None = None) 
 
 
 def _ending_of(batch_id: str) -> str | None:
-    return db.session.execute(db.select(Batch.ending).where(Batch.id == batch_id)).scalar_one_or_none()
+    """The batch's ending as committed now: read outside the session, whose transaction may hold
+    an older snapshot (MySQL's repeatable read)."""
+    with db.engine.connect() as conn:
+        return conn.execute(db.select(Batch.ending).where(Batch.id == batch_id)).scalar_one_or_none()
 
 
 def _ingest(batch_id: str, reader: _Reader) -> str:
@@ -306,6 +309,11 @@ def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: b
     svc.engine.enqueue_many(batch.queue, BATCH_LEVEL, items)
     if builtin:
         svc.work_ready(batch.queue, BATCH_LEVEL, len(items))
+    _mark_running(batch)
+
+
+def _mark_running(batch: Batch) -> None:
+    """``in_progress`` once some of the batch's tasks can run."""
     if batch.status == BatchStatus.VALIDATING:
         db.session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == BatchStatus.VALIDATING)
                            .values(status=BatchStatus.IN_PROGRESS, in_progress_at=now_s()))
@@ -331,6 +339,7 @@ def _reenqueue_waiting(batch: Batch, builtin: bool) -> None:
             svc.work_ready(batch.queue, BATCH_LEVEL, added)
         last = rows[-1].id
         db.session.expunge_all()
+        _mark_running(batch)
 
 
 def should_restart(batch_id: str, every_s: int = 30) -> bool:
