@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import wait_for  # noqa: F401  (re-exported for the batch tests)
+from bellaq.extensions import db
+from bellaq.models import Batch
+from tests.conftest import wait_for
 
 CHAT = "/v1/chat/completions"
 QUEUE = {"X-BELLA-QUEUE-NAME": "ext"}
@@ -84,3 +88,57 @@ def create_batch(client, headers: dict[str, str], data: bytes, endpoint: str = C
     resp = client.post("/v1/batches", json=body, headers={**headers, **(extra_headers or {})})
     assert resp.status_code == 200, resp.json
     return resp.json
+
+
+# --------------------------------------------------------------------------- reading batches
+
+BATCH_FIELDS = {
+    "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window", "status",
+    "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at",
+    "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata",
+    "usage",
+}
+
+
+def get(client, user, batch_id: str) -> dict:
+    resp = client.get(f"/v1/batches/{batch_id}", headers=user)
+    assert resp.status_code == 200, resp.json
+    assert set(resp.json) == BATCH_FIELDS
+    return resp.json
+
+
+def until_status(client, user, batch_id: str, *statuses: str, timeout: float = 30) -> dict:
+    return wait_for(lambda: (b := get(client, user, batch_id))["status"] in statuses and b, timeout=timeout)
+
+
+def content(client, user, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    resp = client.get(f"/v1/files/{file_id}/content", headers=user)
+    assert resp.status_code == 200
+    return read_jsonl(resp.data)
+
+
+def expire_now(app, batch_id: str) -> None:
+    with app.app_context():
+        db.session.execute(db.update(Batch).where(Batch.id == batch_id).values(expires_at=int(time.time()) - 1))
+        db.session.commit()
+
+
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def finished(api, batch_id: str, timeout: float = 60):
+    return wait_for(lambda: (b := api.batches.retrieve(batch_id)).status in FINAL and b, timeout=timeout,
+                    interval=0.1)
+
+
+def results(api, batch) -> tuple[list[dict], list[dict]]:
+    out = read_jsonl(api.files.content(batch.output_file_id).content) if batch.output_file_id else []
+    err = read_jsonl(api.files.content(batch.error_file_id).content) if batch.error_file_id else []
+    return out, err
+
+
+def assert_each_custom_id_once(out: list[dict], err: list[dict], expected: set[str]) -> None:
+    seen = Counter(line["custom_id"] for line in out + err)
+    assert set(seen) == expected and set(seen.values()) == {1}, [c for c, n in seen.items() if n > 1][:5]

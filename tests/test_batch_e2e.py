@@ -5,31 +5,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 
 import pytest
 from click.testing import CliRunner
 
 from bellaq.batches import output
-from tests.batch_fixtures import CHAT, chat_line, jsonl, read_jsonl, sdk, wait_for
-
-FINAL = ("completed", "failed", "expired", "cancelled")
-
-
-def finished(api, batch_id: str, timeout: float = 60):
-    return wait_for(lambda: (b := api.batches.retrieve(batch_id)).status in FINAL and b, timeout=timeout,
-                    interval=0.1)
-
-
-def results(api, batch) -> tuple[list[dict], list[dict]]:
-    out = read_jsonl(api.files.content(batch.output_file_id).content) if batch.output_file_id else []
-    err = read_jsonl(api.files.content(batch.error_file_id).content) if batch.error_file_id else []
-    return out, err
-
-
-def assert_each_custom_id_once(out: list[dict], err: list[dict], expected: set[str]) -> None:
-    seen = Counter(line["custom_id"] for line in out + err)
-    assert set(seen) == expected and set(seen.values()) == {1}, [c for c, n in seen.items() if n > 1][:5]
+from tests.batch_fixtures import (
+    CHAT,
+    assert_each_custom_id_once,
+    chat_line,
+    finished,
+    jsonl,
+    read_jsonl,
+    results,
+    sdk,
+    wait_for,
+)
 
 
 def test_a_100_line_batch_completes_with_builtin_workers(live_server, user, celery_worker, monkeypatch):

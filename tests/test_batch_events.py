@@ -15,6 +15,7 @@ from sqlalchemy import event
 from bellaq.batches import events
 from bellaq.extensions import db
 from tests.batch_fixtures import (  # noqa: F401  (ext_queue is a fixture)
+    BATCH_FIELDS,
     QUEUE,
     chat_line,
     complete,
@@ -24,7 +25,6 @@ from tests.batch_fixtures import (  # noqa: F401  (ext_queue is a fixture)
     take,
     wait_for,
 )
-from tests.test_batches_api import BATCH_FIELDS
 
 VIEW_FIELDS = {"id", "status", "request_counts"}
 
