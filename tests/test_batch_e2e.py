@@ -1,13 +1,11 @@
-"""Batches end to end with built-in workers and the mock upstream: the SDK in strict mode, the
-``bellaq batch`` CLI, a cancel under load, and a worker killed with ``kill -9`` mid-batch."""
+"""Batches end to end with built-in workers and the mock upstream: the SDK in strict mode, a cancel
+under load, and a worker killed with ``kill -9`` mid-batch."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
-from click.testing import CliRunner
 
 from bellaq.batches import output
 from tests.batch_fixtures import (
@@ -16,7 +14,6 @@ from tests.batch_fixtures import (
     chat_line,
     finished,
     jsonl,
-    read_jsonl,
     results,
     sdk,
     wait_for,
@@ -90,39 +87,6 @@ def test_cancel_under_load_keeps_finished_results(live_server, user, celery_work
     asked_upstream = mock_upstream.state.request_count
     time.sleep(1.0)
     assert mock_upstream.state.request_count - asked_upstream <= 8  # at most what was in flight
-
-
-def test_cli_submit_wait_downloads_results(live_server, user, celery_worker, tmp_path):
-    from bellaq.cli import main
-
-    path = tmp_path / "prompts.jsonl"
-    lines = [chat_line(f"cli-{i}") for i in range(20)]
-    lines[3]["body"]["mock_status"] = 400
-    path.write_bytes(jsonl(lines))
-    env = {"BELLAQ_BASE_URL": live_server.url + "/v1", "BELLAQ_API_KEY": user["Authorization"].split()[1]}
-    result = CliRunner().invoke(main, ["batch", "submit", str(path), "--endpoint", CHAT, "--wait",
-                                       "--metadata", "run=cli"], env=env)
-    assert result.exit_code == 0, result.output
-    batch_id = result.stdout.strip().splitlines()[-1]
-    assert batch_id.startswith("batch_")
-    assert "19 completed, 1 failed, 20 total" in result.stdout
-    out = read_jsonl((tmp_path / "prompts.output.jsonl").read_bytes())
-    err = read_jsonl((tmp_path / "prompts.errors.jsonl").read_bytes())
-    assert_each_custom_id_once(out, err, {f"cli-{i}" for i in range(20)})
-    assert [e["custom_id"] for e in err] == ["cli-3"]
-    status = CliRunner().invoke(main, ["batch", "status", batch_id, "--json"], env=env)
-    assert status.exit_code == 0 and json.loads(status.stdout)["metadata"] == {"run": "cli"}
-    missing = CliRunner().invoke(main, ["batch", "status", "batch_nope"], env=env)
-    assert missing.exit_code == 1 and "404" in missing.output
-
-
-def test_progress_line_fits_and_says_everything():
-    from bellaq.cli_batch import progress_line
-
-    line = progress_line("in_progress", 300, 20, 1000, 80.0, 100)
-    assert "320/1000" in line and "300 ok, 20 failed" in line and "80 req/s" in line and "ETA 0:00:08" in line
-    assert len(line) < 100 and line.startswith("[")
-    assert "[" in progress_line("validating", 0, 0, 0, None, 30)
 
 
 @pytest.mark.slow
