@@ -38,7 +38,7 @@ FALLBACK_S = 2.0  # ... and this often while Redis cannot be read
 class _Shared:
     """What the watchers of one batch in this process share: the last state read, and when."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=lambda: threading.Lock())  # gevent's, once patched
     watchers: int = 0
     polled: float = -math.inf
     read: float = -math.inf

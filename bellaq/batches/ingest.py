@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 BATCH_LEVEL = 1
 PAGE = 1000
-LEASE_S = 15
+LEASE_S = 10
 LOOK_S = 1.0  # how often a reading ingester renews its lease and looks for a cancel
 RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)  # about 18 s, then the sweep
 # Faults that pass: a dependency is unreachable for a while. Anything else is final for the batch.
@@ -134,6 +134,9 @@ def run(batch_id: str, sleep: Callable[[float], Any] = time.sleep) -> str:
                 if not lease.hold():
                     return "busy"
                 return _guarded(batch_id, _Reader(batch_id, lease))
+            except IngestBusy:
+                db.session.rollback()
+                return "busy"
             except TRANSIENT as err:
                 db.session.remove()
                 if attempt == len(RETRY_DELAYS_S):

@@ -46,7 +46,7 @@ def create(principal: Principal, body: dict[str, Any], queue_header: str | None)
     input_file_id = body_field(body, "input_file_id", str)
     endpoint = check_endpoint(body_field(body, "endpoint", str))
     window = body_field(body, "completion_window", str)
-    parse_window(window)
+    parse_window(window)  # a bad window is a 400 before anything is looked up
     metadata = check_metadata(body_field(body, "metadata", dict, None))
     source = files.find(principal.owner, input_file_id)
     if source is None:
