@@ -90,7 +90,12 @@ def hand_off(batch: Batch, *made_with: File) -> None:
     the client gets a 503 that says nothing was kept, so a retry cannot make two batches.
     """
     db.session.add_all([*made_with, batch])
-    db.session.commit()
+    try:
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        _forget_bytes(made_with)
+        raise
     try:
         services().batch_created(batch.id)
     except HANDOFF_ERRORS as err:
@@ -100,10 +105,14 @@ def hand_off(batch: Batch, *made_with: File) -> None:
         for row in made_with:
             db.session.execute(db.delete(File).where(File.id == row.id))
         db.session.commit()
-        for row in made_with:
-            services().storage.delete(row.storage_key)
+        _forget_bytes(made_with)
         raise Unavailable("The task broker (Redis) is unavailable; the batch was not created. Retry shortly.") \
             from None
+
+
+def _forget_bytes(rows: tuple[File, ...]) -> None:
+    for row in rows:
+        services().storage.delete(row.storage_key)
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -170,9 +179,11 @@ def cancel(principal: Principal, batch_id: str) -> Batch:
     db.session.commit()
     db.session.refresh(batch)
     if not claimed and batch.status != BatchStatus.CANCELLING:
-        state = "is being finalised" if batch.status not in FINAL_STATUSES else f"already ended as {batch.status}"
-        if batch.ending == BatchStatus.EXPIRED and batch.status not in FINAL_STATUSES:
-            state = "is expiring"
+        if batch.status in FINAL_STATUSES:
+            state = f"already ended as {batch.status}"
+        else:
+            state = {BatchStatus.EXPIRED: "is expiring", BatchStatus.FAILED: "is failing"}.get(
+                batch.ending or "", "is being finalised")
         raise BadRequest(f"Batch '{batch.id}' {state}; only a validating or in_progress batch can be cancelled.",
                          param="batch_id", code="batch_not_cancellable")
     progress.changed(batch.id)
