@@ -25,6 +25,7 @@ from tests.batch_fixtures import (  # noqa: F401  (ext_queue is a fixture)
     take,
     wait_for,
 )
+from tests.conftest import LiveServer, running_app
 
 VIEW_FIELDS = {"id", "status", "request_counts"}
 
@@ -99,13 +100,14 @@ def test_a_batch_from_validating_to_completed(app, live_server, client, user, wo
     assert len(watcher.data) <= elapsed / events.POLL_S + 2  # a few a second at most
 
 
-def test_a_cancelled_batch_ends_its_stream_and_an_ended_one_sends_one_event(live_server, client, user, ext,
-                                                                           celery_worker):
+def test_a_cancelled_batch_ends_its_stream_and_an_ended_one_sends_one_event(settings, live_server, client, user,
+                                                                           ext, celery_worker):
     batch = create_batch(client, user, jsonl([chat_line(f"c{i}") for i in range(3)]), extra_headers=QUEUE)
-    watcher = watch(live_server, user, batch["id"])
-    wait_for(lambda: watcher.data[-1]["status"] == "in_progress", message="in_progress")
-    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=user).status_code == 200
-    assert watcher.closed.wait(30)
+    with running_app(settings) as other_app, LiveServer(other_app) as other_web:  # another web process
+        watcher = watch(other_web, user, batch["id"])
+        wait_for(lambda: watcher.data[-1]["status"] == "in_progress", message="in_progress")
+        assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=user).status_code == 200
+        assert watcher.closed.wait(30)
     last = watcher.data[-1]
     assert set(last) == BATCH_FIELDS and last["status"] == "cancelled" and last["error_file_id"]
     assert {e["status"] for e in watcher.data[:-1]} <= {"validating", "in_progress", "cancelling"}
