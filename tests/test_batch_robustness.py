@@ -66,6 +66,10 @@ HOSTILE = {
     "only blank lines": (b"\n  \n\t\n", ({"empty_file"}, None)),
     "CRLF and no final newline": ((line("a") + "\r\n" + line("b")).encode(), RUNS),
     "NUL and emoji in custom_ids": (jsonl([chat_line("a\u0000b"), chat_line("\U0001f600")]), RUNS),
+    # 6 MB of UTF-8 that ASCII escapes would make 18 MB, more than a MariaDB statement may hold.
+    "a body of 3 million accents": (jsonl([chat_line("a")]) + json.dumps(
+        chat_line("b", body={"model": "mock-model", "prompt": "\u00e9" * 3_000_000}), ensure_ascii=False).encode(),
+        RUNS),
 }
 
 

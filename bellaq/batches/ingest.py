@@ -28,7 +28,7 @@ import redis.exceptions
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from sqlalchemy import func, insert, update
-from sqlalchemy.exc import InterfaceError
+from sqlalchemy.exc import InterfaceError, SQLAlchemyError
 from sqlalchemy.exc import OperationalError as SQLError
 
 from bellaq import files
@@ -56,6 +56,9 @@ RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)  # abo
 # Faults that pass: a dependency is unreachable for a while. Anything else is final for the batch.
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, SQLError, InterfaceError, BrokerError,
              ConnectionError, TimeoutError)
+# MySQL errors that look like a lost connection but come back every time: a statement larger than
+# max_allowed_packet.
+PERMANENT_SQL_ERRNOS = frozenset({1153})
 
 
 class IngestBusy(Exception):
@@ -135,10 +138,10 @@ def run(batch_id: str, sleep: Callable[[float], Any] = time.sleep) -> str:
                     return "busy"
                 return _guarded(batch_id, _Reader(batch_id, lease))
             except IngestBusy:
-                db.session.rollback()
+                _reset_session()
                 return "busy"
             except TRANSIENT as err:
-                db.session.remove()
+                _reset_session()
                 if attempt == len(RETRY_DELAYS_S):
                     log.warning("batch %s: ingest deferred to the sweep after %d attempts (%s)", batch_id,
                                 attempt + 1, err)
@@ -154,19 +157,21 @@ def _guarded(batch_id: str, reader: _Reader) -> str:
     """Ingest; whatever goes wrong, except a transient fault, ends the batch with a reason."""
     try:
         return _ingest(batch_id, reader)
-    except (IngestBusy, *TRANSIENT):
+    except IngestBusy:
         raise
     except _Stopped:
-        db.session.rollback()
+        _reset_session()
         return _close(batch_id, None)
     except FileNotFoundError:
-        db.session.rollback()
+        _reset_session()
         where = f"while the batch read it (at line {reader.line})" if reader.line else "before the batch read it"
         return _close(batch_id, _error(reader.line, "file_not_found", f"The input file was deleted {where}.",
                                        "input_file_id"))
-    except Exception:
+    except Exception as err:
+        if transient(err):
+            raise
         log.exception("batch %s: ingest failed at line %s", batch_id, reader.line)
-        db.session.rollback()
+        _reset_session()
         reader.lease.renew()  # a takeover is not a failure of the batch
         if reader.line is None:
             message = "The batch could not be set up: an unexpected error stopped it. Tell the operator."
@@ -174,6 +179,22 @@ def _guarded(batch_id: str, reader: _Reader) -> str:
             message = (f"The batch stopped at line {reader.line}: an unexpected error occurred while reading it. "
                        "Check that line; if it looks right, tell the operator.")
         return _close(batch_id, _error(reader.line, "ingest_error", message))
+
+
+def transient(err: BaseException) -> bool:
+    """Whether ``err`` is a dependency being away for a while (worth trying again)."""
+    errno = getattr(err, "orig", None) and getattr(err.orig, "args", (None,))[0]  # type: ignore[attr-defined]
+    return isinstance(err, TRANSIENT) and errno not in PERMANENT_SQL_ERRNOS
+
+
+def _reset_session() -> None:
+    """Drop the session's transaction after a fault; its connection may be dead (then the pool
+    replaces it, and saying so again here changes nothing)."""
+    for step in (db.session.rollback, db.session.remove):
+        try:
+            step()
+        except SQLAlchemyError:
+            pass
 
 
 def _error(line: int | None, code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -281,8 +302,11 @@ def _insert_tasks(batch: Batch, source: File, max_line: int, reader: _Reader) ->
                 obj, problem = request_of(raw, number)
                 if obj is None:
                     raise ValueError(f"line {number} no longer reads as it did when validated: {problem}")
+                # Not ASCII-escaped: stored no larger than the line it came from, so a row always
+                # fits in a statement that MySQL accepts (max_allowed_packet).
+                body = json.dumps(obj["body"], separators=(",", ":"), ensure_ascii=False)
                 pending.append({**common, "id": task_id_for(batch.id, index), "custom_id": obj["custom_id"],
-                                "data": json.dumps(obj["body"], separators=(",", ":"))})
+                                "data": body})
             index += 1
             if len(pending) >= chunk:
                 _flush(batch, pending, base_score, builtin)
