@@ -5,7 +5,8 @@ of a batch's life:
   read, list, cancel, and the Batch object the API shows; :mod:`.resubmit`: a new batch of the
   lines of an ended one that did not succeed.
 - :mod:`.validation`: reading input lines and the whole-file rules; windows and metadata.
-- :mod:`.ingest`: validate the input file, then make every line a task, chunk by chunk.
+- :mod:`.ingest`: validate the input file, then make every line a task, chunk by chunk
+  (:mod:`.ids`: a batch's task ids, one primary-key range in line order).
 - :mod:`.progress`: the Redis record that says when the last line ended and when a batch
   changed (its one writer).
 - :mod:`.ending`: a cancel or the expiry ends the unfinished tasks; :mod:`.sweep` restarts what
