@@ -1,7 +1,8 @@
-"""``bellaq batch``: submit a JSONL file as a batch, follow it with a progress bar, fetch the results.
+"""``bellaq batch``: submit a JSONL file as a batch, follow it live, resubmit what failed, fetch the results.
 
-Talks HTTP to a running service with the official ``openai`` SDK (``--base-url``, default
-``$BELLAQ_BASE_URL`` or http://127.0.0.1:8080/v1; ``--api-key``, default ``$BELLAQ_API_KEY``).
+Talks HTTP to a running service with ``requests`` (``--base-url``, default ``$BELLAQ_BASE_URL`` or
+http://127.0.0.1:8080/v1; ``--api-key``, default ``$BELLAQ_API_KEY``) and follows a batch through
+its event stream (``GET /v1/batches/{id}/events``), so it needs nothing beyond bellaq itself.
 """
 
 from __future__ import annotations
@@ -10,21 +11,85 @@ import json
 import shutil
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
 FINAL = ("completed", "failed", "expired", "cancelled")
+LINES = ("failed", "expired", "cancelled")
+RECONNECTS = 5  # a dropped event stream is opened again this many times in a row
 
 
-def _client(base_url: str, api_key: str | None) -> Any:
-    import openai
+class Unreachable(click.ClickException):
+    """No answer from the service (as opposed to an error answer)."""
 
-    if not api_key:
-        raise click.UsageError("No API key: pass --api-key or set BELLAQ_API_KEY (a key with role user).")
-    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=5)
+
+class Api:
+    """The calls of the Files and Batch API the command makes. Those that create something send an
+    ``Idempotency-Key``, so every call is retried safely on a connection error, 429 or 5xx."""
+
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        if not api_key:
+            raise click.UsageError("No API key: pass --api-key or set BELLAQ_API_KEY (a key with role user).")
+        self.base = base_url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {api_key}"
+        retry = Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                      raise_on_status=False)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
+
+    def call(self, method: str, path: str, stream: bool = False, timeout: tuple[float, float] = (10, 300),
+             **kwargs: Any) -> requests.Response:
+        """One request; an error answer or no answer becomes a message, not a traceback."""
+        try:
+            response = self.session.request(method, self.base + path, stream=stream, timeout=timeout, **kwargs)
+        except requests.RequestException as err:
+            raise Unreachable(f"cannot reach the service: {err}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200]
+            raise click.ClickException(f"{response.status_code}: {message}")
+        return response
+
+    def post(self, path: str, **kwargs: Any) -> dict:
+        headers = {"Idempotency-Key": str(uuid.uuid4()), **kwargs.pop("headers", {})}
+        return self.call("POST", path, headers=headers, **kwargs).json()
+
+    def batch(self, batch_id: str) -> dict:
+        return self.call("GET", f"/batches/{batch_id}").json()
+
+    def events(self, batch_id: str) -> Iterator[dict]:
+        """The batch's events as they come (server-sent events; comments are keep-alives)."""
+        response = self.call("GET", f"/batches/{batch_id}/events", stream=True, timeout=(10, 60))
+        with response:
+            data: list[str] = []
+            for line in response.iter_lines(decode_unicode=True):
+                if line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    yield json.loads("\n".join(data))
+                    data = []
+
+    def download(self, file_id: str, target: Path) -> int:
+        """Stream a file's content to ``target``; returns its size."""
+        size = 0
+        tmp = target.with_name(target.name + ".part")
+        with self.call("GET", f"/files/{file_id}/content", stream=True) as response, tmp.open("wb") as out:
+            for chunk in response.iter_content(1 << 16):
+                out.write(chunk)
+                size += len(chunk)
+        tmp.replace(target)
+        return size
 
 
 def _connection(func: Any) -> Any:
@@ -35,28 +100,9 @@ def _connection(func: Any) -> Any:
     return func
 
 
-def _api_errors(func: Any) -> Any:
-    """Show the service's error message instead of a traceback."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import openai
-
-        try:
-            return func(*args, **kwargs)
-        except openai.APIStatusError as err:
-            message = err.body.get("message") if isinstance(err.body, dict) else None
-            raise click.ClickException(f"{err.status_code}: {message or err.message}") from None
-        except openai.APIConnectionError as err:
-            raise click.ClickException(f"cannot reach the service: {err}") from None
-
-    return wrapper
-
-
 @click.group("batch")
 def batch_group() -> None:
-    """OpenAI-compatible batches: submit a JSONL file, follow it, download its results."""
+    """OpenAI-compatible batches: submit a JSONL file, follow it, resubmit what failed, download results."""
 
 
 @batch_group.command("submit")
@@ -68,11 +114,9 @@ def batch_group() -> None:
               help="Completion window: 24h, <n>m, <n>h or <n>d.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Metadata pair (repeatable).")
 @click.option("--wait", is_flag=True, help="Follow the batch with a progress bar and download its results.")
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls with --wait.")
 @_connection
-@_api_errors
 def submit(path: Path, endpoint: str, queue: str | None, completion_window: str, metadata: tuple[str, ...],
-           wait: bool, interval: float, base_url: str, api_key: str | None) -> None:
+           wait: bool, base_url: str, api_key: str | None) -> None:
     """Upload PATH (JSONL, one request a line) and create a batch over it."""
     pairs = {}
     for item in metadata:
@@ -80,43 +124,62 @@ def submit(path: Path, endpoint: str, queue: str | None, completion_window: str,
         if not sep:
             raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint="--metadata")
         pairs[key] = value
-    client = _client(base_url, api_key)
+    api = Api(base_url, api_key)
     with path.open("rb") as f:
-        uploaded = client.files.create(file=(path.name, f), purpose="batch")
-    headers = {"X-BELLA-QUEUE-NAME": queue} if queue else None
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
-                                  completion_window=completion_window,  # type: ignore[arg-type]
-                                  metadata=pairs or None, extra_headers=headers)
-    click.echo(f"batch {batch.id} created from {path.name} ({uploaded.bytes} bytes, file {uploaded.id})", err=True)
+        uploaded = api.post("/files", files={"file": (path.name, f)}, data={"purpose": "batch"})
+    body = {"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": completion_window,
+            "metadata": pairs or None}
+    batch = api.post("/batches", json=body, headers={"X-BELLA-QUEUE-NAME": queue} if queue else {})
+    click.echo(f"batch {batch['id']} created from {path.name} ({uploaded['bytes']} bytes, file {uploaded['id']})",
+               err=True)
     if not wait:
-        click.echo(batch.id)
+        click.echo(batch["id"])
         return
-    try:
-        batch = follow(client, batch.id, interval)
-    except KeyboardInterrupt:
-        click.echo(f"\nstopped following; the batch goes on. Check it with: bellaq batch status {batch.id}", err=True)
-        sys.exit(130)
-    _report(batch)
-    for file_id, suffix in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
+    batch = _follow_to_end(api, batch["id"])
+    for file_id, suffix in ((batch["output_file_id"], "output"), (batch["error_file_id"], "errors")):
         if file_id:
             target = path.with_name(f"{path.stem}.{suffix}.jsonl")
-            size = download(client, file_id, target)
+            size = api.download(file_id, target)
             click.echo(f"{suffix}: {target} ({size} bytes)", err=True)
-    click.echo(batch.id)
-    if batch.status != "completed":
-        sys.exit(1)
+    _exit_with(batch)
+
+
+@batch_group.command("watch")
+@click.argument("batch_id")
+@_connection
+def watch(batch_id: str, base_url: str, api_key: str | None) -> None:
+    """Follow a batch live with a progress bar until it ends (exit 0 only when it completed)."""
+    _exit_with(_follow_to_end(Api(base_url, api_key), batch_id))
+
+
+@batch_group.command("resubmit")
+@click.argument("batch_id")
+@click.option("--lines", type=click.Choice(LINES), default="failed", show_default=True,
+              help="Which lines of the ended batch: every line of its error file, or only expired or cancelled ones.")
+@click.option("--queue", default=None, help="Run on this registered queue instead of the original's.")
+@click.option("--wait", is_flag=True, help="Follow the new batch with a progress bar until it ends.")
+@_connection
+def resubmit(batch_id: str, lines: str, queue: str | None, wait: bool, base_url: str, api_key: str | None) -> None:
+    """Run again, as a new batch, the lines of an ended batch that did not succeed."""
+    api = Api(base_url, api_key)
+    batch = api.post(f"/batches/{batch_id}/resubmit", json={"lines": lines},
+                     headers={"X-BELLA-QUEUE-NAME": queue} if queue else {})
+    click.echo(f"batch {batch['id']} resubmits the {lines} lines of {batch_id}", err=True)
+    if not wait:
+        click.echo(batch["id"])
+        return
+    _exit_with(_follow_to_end(api, batch["id"]))
 
 
 @batch_group.command("status")
 @click.argument("batch_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole Batch object.")
 @_connection
-@_api_errors
 def status(batch_id: str, as_json: bool, base_url: str, api_key: str | None) -> None:
     """Show a batch's status and request counts."""
-    batch = _client(base_url, api_key).batches.retrieve(batch_id)
+    batch = Api(base_url, api_key).batch(batch_id)
     if as_json:
-        click.echo(json.dumps(batch.model_dump(), indent=2))
+        click.echo(json.dumps(batch, indent=2))
         return
     _report(batch)
 
@@ -124,26 +187,40 @@ def status(batch_id: str, as_json: bool, base_url: str, api_key: str | None) -> 
 @batch_group.command("cancel")
 @click.argument("batch_id")
 @_connection
-@_api_errors
 def cancel(batch_id: str, base_url: str, api_key: str | None) -> None:
     """Cancel a batch: unfinished requests end as batch_cancelled; finished results stay."""
-    batch = _client(base_url, api_key).batches.cancel(batch_id)
-    click.echo(f"{batch.id}: {batch.status}")
+    batch = Api(base_url, api_key).post(f"/batches/{batch_id}/cancel")
+    click.echo(f"{batch['id']}: {batch['status']}")
 
 
-def _report(batch: Any) -> None:
-    counts = batch.request_counts
-    line = f"{batch.id}: {batch.status}"
-    if counts is not None:
-        line += f" - {counts.completed} completed, {counts.failed} failed, {counts.total} total"
+def _follow_to_end(api: Api, batch_id: str) -> dict:
+    try:
+        return follow(api, batch_id)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; the batch goes on. Check it with: bellaq batch status {batch_id}", err=True)
+        sys.exit(130)
+
+
+def _exit_with(batch: dict) -> None:
+    """Report the ended batch; exit 0 when it completed, 1 for failed, expired or cancelled."""
+    _report(batch)
+    click.echo(batch["id"])
+    if batch["status"] != "completed":
+        sys.exit(1)
+
+
+def _report(batch: dict) -> None:
+    counts = batch.get("request_counts") or {}
+    line = f"{batch['id']}: {batch['status']}"
+    if counts:
+        line += f" - {counts['completed']} completed, {counts['failed']} failed, {counts['total']} total"
     click.echo(line)
-    if batch.errors and batch.errors.data:
-        for error in batch.errors.data:
-            where = f"line {error.line}: " if error.line else ""
-            click.echo(f"  {where}{error.code}: {error.message}")
+    for error in (batch.get("errors") or {}).get("data") or []:
+        where = f"line {error['line']}: " if error.get("line") else ""
+        click.echo(f"  {where}{error['code']}: {error['message']}")
     for name in ("output_file_id", "error_file_id"):
-        if getattr(batch, name):
-            click.echo(f"  {name}: {getattr(batch, name)}")
+        if batch.get(name):
+            click.echo(f"  {name}: {batch[name]}")
 
 
 def progress_line(status: str, completed: int, failed: int, total: int, rate: float | None, width: int) -> str:
@@ -161,42 +238,50 @@ def progress_line(status: str, completed: int, failed: int, total: int, rate: fl
     return f"[{'#' * filled}{'.' * (bar_width - filled)}]{text}"[: max(20, width - 1)]
 
 
-def follow(client: Any, batch_id: str, interval: float = 1.0) -> Any:
-    """Poll until the batch ends, drawing the progress on one line (a line a change off a TTY)."""
-    tty = sys.stderr.isatty()
-    started: tuple[float, int] | None = None
-    last = ""
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        counts = batch.request_counts
-        completed, failed, total = (counts.completed, counts.failed, counts.total) if counts else (0, 0, 0)
+class _Bar:
+    """The progress bar: redrawn in place on a terminal, a line per change of counts otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started: tuple[float, int] | None = None
+        self.last = ""
+
+    def show(self, event: dict) -> None:
+        counts = event.get("request_counts") or {}
+        completed, failed, total = counts.get("completed", 0), counts.get("failed", 0), counts.get("total", 0)
         now = time.monotonic()
-        if started is None and batch.status == "in_progress":
-            started = (now, completed + failed)
+        if self.started is None and event["status"] == "in_progress":
+            self.started = (now, completed + failed)
         rate = None
-        if started and now > started[0]:
-            rate = (completed + failed - started[1]) / (now - started[0]) or None
+        if self.started and now > self.started[0]:
+            rate = (completed + failed - self.started[1]) / (now - self.started[0]) or None
         width = shutil.get_terminal_size((100, 20)).columns
-        line = progress_line(batch.status, completed, failed, total, rate, width)
-        if tty:
+        line = progress_line(event["status"], completed, failed, total, rate, width)
+        if self.tty:
             click.echo("\r" + line.ljust(width - 1), nl=False, err=True)
-        elif line.split("  ")[0] != last.split("  ")[0] or batch.status in FINAL:
+        elif line.split("  ")[0] != self.last.split("  ")[0] or event["status"] in FINAL:
             click.echo(line, err=True)
-        last = line
-        if batch.status in FINAL:
-            if tty:
-                click.echo("", err=True)
-            return batch
-        time.sleep(interval)
+        self.last = line
+        if self.tty and event["status"] in FINAL:
+            click.echo("", err=True)
 
 
-def download(client: Any, file_id: str, target: Path) -> int:
-    """Stream a file's content to ``target``; returns its size."""
-    size = 0
-    tmp = target.with_name(target.name + ".part")
-    with client.files.with_streaming_response.content(file_id) as response, tmp.open("wb") as out:
-        for chunk in response.iter_bytes():
-            out.write(chunk)
-            size += len(chunk)
-    tmp.replace(target)
-    return size
+def follow(api: Api, batch_id: str) -> dict:
+    """Follow the batch's event stream until its final event (the whole Batch object), drawing the
+    progress; a dropped stream is opened again (it starts with the current state)."""
+    bar = _Bar()
+    failures = 0
+    while True:
+        try:
+            for event in api.events(batch_id):
+                failures = 0
+                bar.show(event)
+                if event["status"] in FINAL:
+                    return event
+            problem: object = "the stream closed before the batch ended"
+        except (requests.RequestException, Unreachable) as err:
+            problem = err
+        failures += 1
+        if failures > RECONNECTS:
+            raise click.ClickException(f"lost the event stream of {batch_id}: {problem}")
+        time.sleep(min(0.5 * 2 ** failures, 10))

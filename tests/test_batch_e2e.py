@@ -1,39 +1,27 @@
-"""Batches end to end with built-in workers and the mock upstream: the SDK in strict mode, the
-``bellaq batch`` CLI, a cancel under load, and a worker killed with ``kill -9`` mid-batch."""
+"""Batches end to end with built-in workers and the mock upstream: the SDK in strict mode, a cancel
+under load, and a worker killed with ``kill -9`` mid-batch."""
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
 
 import pytest
-from click.testing import CliRunner
 
-from bellaq import batches
-from tests.batch_fixtures import CHAT, chat_line, jsonl, read_jsonl, sdk, wait_for
-
-FINAL = ("completed", "failed", "expired", "cancelled")
-
-
-def finished(api, batch_id: str, timeout: float = 60):
-    return wait_for(lambda: (b := api.batches.retrieve(batch_id)).status in FINAL and b, timeout=timeout,
-                    interval=0.1)
-
-
-def results(api, batch) -> tuple[list[dict], list[dict]]:
-    out = read_jsonl(api.files.content(batch.output_file_id).content) if batch.output_file_id else []
-    err = read_jsonl(api.files.content(batch.error_file_id).content) if batch.error_file_id else []
-    return out, err
-
-
-def assert_each_custom_id_once(out: list[dict], err: list[dict], expected: set[str]) -> None:
-    seen = Counter(line["custom_id"] for line in out + err)
-    assert set(seen) == expected and set(seen.values()) == {1}, [c for c, n in seen.items() if n > 1][:5]
+from bellaq.batches import output
+from tests.batch_fixtures import (
+    CHAT,
+    assert_each_custom_id_once,
+    chat_line,
+    finished,
+    jsonl,
+    results,
+    sdk,
+    wait_for,
+)
 
 
 def test_a_100_line_batch_completes_with_builtin_workers(live_server, user, celery_worker, monkeypatch):
-    monkeypatch.setattr(batches, "SHARD_LINES", 17)  # several shards in the chord
+    monkeypatch.setattr(output, "SHARD_LINES", 17)  # several shards in the chord
     api = sdk(live_server.url, user)
     lines = [chat_line(f"req-{i}") for i in range(100)]
     for i in range(0, 100, 10):
@@ -99,39 +87,6 @@ def test_cancel_under_load_keeps_finished_results(live_server, user, celery_work
     asked_upstream = mock_upstream.state.request_count
     time.sleep(1.0)
     assert mock_upstream.state.request_count - asked_upstream <= 8  # at most what was in flight
-
-
-def test_cli_submit_wait_downloads_results(live_server, user, celery_worker, tmp_path):
-    from bellaq.cli import main
-
-    path = tmp_path / "prompts.jsonl"
-    lines = [chat_line(f"cli-{i}") for i in range(20)]
-    lines[3]["body"]["mock_status"] = 400
-    path.write_bytes(jsonl(lines))
-    env = {"BELLAQ_BASE_URL": live_server.url + "/v1", "BELLAQ_API_KEY": user["Authorization"].split()[1]}
-    result = CliRunner().invoke(main, ["batch", "submit", str(path), "--endpoint", CHAT, "--wait",
-                                       "--interval", "0.2", "--metadata", "run=cli"], env=env)
-    assert result.exit_code == 0, result.output
-    batch_id = result.stdout.strip().splitlines()[-1]
-    assert batch_id.startswith("batch_")
-    assert "19 completed, 1 failed, 20 total" in result.stdout
-    out = read_jsonl((tmp_path / "prompts.output.jsonl").read_bytes())
-    err = read_jsonl((tmp_path / "prompts.errors.jsonl").read_bytes())
-    assert_each_custom_id_once(out, err, {f"cli-{i}" for i in range(20)})
-    assert [e["custom_id"] for e in err] == ["cli-3"]
-    status = CliRunner().invoke(main, ["batch", "status", batch_id, "--json"], env=env)
-    assert status.exit_code == 0 and json.loads(status.stdout)["metadata"] == {"run": "cli"}
-    missing = CliRunner().invoke(main, ["batch", "status", "batch_nope"], env=env)
-    assert missing.exit_code == 1 and "404" in missing.output
-
-
-def test_progress_line_fits_and_says_everything():
-    from bellaq.cli_batch import progress_line
-
-    line = progress_line("in_progress", 300, 20, 1000, 80.0, 100)
-    assert "320/1000" in line and "300 ok, 20 failed" in line and "80 req/s" in line and "ETA 0:00:08" in line
-    assert len(line) < 100 and line.startswith("[")
-    assert "[" in progress_line("validating", 0, 0, 0, None, 30)
 
 
 @pytest.mark.slow

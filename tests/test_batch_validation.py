@@ -8,17 +8,18 @@ import json
 
 import pytest
 
-from bellaq import batches
+from bellaq.batches import ingest as batch_ingest
+from bellaq.batches import service, validation
 from bellaq.models import Batch, Task
-from tests.batch_fixtures import CHAT, chat_line, create_batch, jsonl
+from tests.batch_fixtures import CHAT, bound_app, chat_line, create_batch, jsonl  # noqa: F401  (a fixture)
 
 
 def check(data: bytes, endpoint: str = CHAT, max_lines: int = 50_000, max_bytes: int = 200 * 2**20,
-          max_line: int = 2**20) -> batches.Validation:
-    return batches.validate_input(io.BytesIO(data), endpoint, max_lines, max_bytes, max_line)
+          max_line: int = 2**20) -> validation.Validation:
+    return validation.validate_input(io.BytesIO(data), endpoint, max_lines, max_bytes, max_line)
 
 
-def codes(result: batches.Validation) -> list[tuple[str, int | None]]:
+def codes(result: validation.Validation) -> list[tuple[str, int | None]]:
     return [(e["code"], e["line"]) for e in result.errors]
 
 
@@ -67,32 +68,23 @@ def test_an_empty_file_is_rejected():
 
 
 def test_errors_are_capped_with_a_summary():
-    data = jsonl(["nope"] * (batches.MAX_ERRORS + 7))
+    data = jsonl(["nope"] * (validation.MAX_ERRORS + 7))
     result = check(data)
     listed = result.errors_object()["data"]
-    assert len(listed) == batches.MAX_ERRORS + 1
+    assert len(listed) == validation.MAX_ERRORS + 1
     assert listed[-1]["code"] == "too_many_errors" and "7 more" in listed[-1]["message"]
 
 
 # ------------------------------------------------------------------------- through the service
 
-@pytest.fixture
-def bound(app):
-    """Celery messages of this test go to its own Redis prefix (no worker consumes them here)."""
-    from workers.celery_app import bind
-
-    bind(app)
-    return app
-
-
 def ingest(app, batch_id: str) -> dict:
     with app.app_context():
-        assert batches.ingest(batch_id) in ("failed", "ingested")
+        assert batch_ingest.run(batch_id) in ("failed", "ingested")
         from bellaq.extensions import db
 
         batch = db.session.get(Batch, batch_id)
         tasks = db.session.execute(db.select(Task).where(Task.batch_id == batch_id)).scalars().all()
-        return {"batch": batches.public(batch), "tasks": len(tasks)}
+        return {"batch": service.batch_object(batch), "tasks": len(tasks)}
 
 
 REJECTIONS = {
@@ -157,27 +149,31 @@ def test_a_valid_file_becomes_waiting_tasks_at_level_1(bound, client, user, sett
         assert json.loads(tasks[3].data) == lines[3]["body"]
         assert services().engine.stats("chat_completions-mock-model", 1).waiting == 10
         # Running it again changes nothing (ingest is idempotent).
-        assert batches.ingest(created["id"]) == "skipped"
+        assert batch_ingest.run(created["id"]) == "skipped"
         assert services().engine.stats("chat_completions-mock-model", 1).waiting == 10
+
+
+class Killed(BaseException):
+    """The worker process dies here: nothing of it runs on (not even an except Exception)."""
 
 
 def test_an_interrupted_ingest_resumes_without_duplicates(bound, client, user, settings, monkeypatch):
     settings.batch_chunk_size = 3
     created = create_batch(client, user, jsonl([chat_line(f"r{i}") for i in range(10)]))
     calls = {"n": 0}
-    real_flush = batches._flush
+    real_flush = batch_ingest._flush
 
-    def crash_after_two_chunks(*args, **kwargs):
+    def die_after_two_chunks(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise RuntimeError("worker died")
+            raise Killed
         return real_flush(*args, **kwargs)
 
-    monkeypatch.setattr(batches, "_flush", crash_after_two_chunks)
+    monkeypatch.setattr(batch_ingest, "_flush", die_after_two_chunks)
     with bound.app_context():
-        with pytest.raises(RuntimeError):
-            batches.ingest(created["id"])
-    monkeypatch.setattr(batches, "_flush", real_flush)
+        with pytest.raises(Killed):
+            batch_ingest.run(created["id"])
+    monkeypatch.setattr(batch_ingest, "_flush", real_flush)
     out = ingest(bound, created["id"])
     assert out["tasks"] == 10 and out["batch"]["request_counts"]["total"] == 10
     with bound.app_context():
@@ -191,6 +187,6 @@ def test_a_second_ingest_at_the_same_time_is_refused(bound, client, user):
     with bound.app_context():
         from bellaq.services import services
 
-        services().redis.set(batches._ingest_lock_key(created["id"]), "someone", ex=30)
-        with pytest.raises(batches.IngestBusy):
-            batches.ingest(created["id"])
+        services().redis.set(batch_ingest.lease_key(created["id"]), "someone", ex=30)
+        assert batch_ingest.run(created["id"]) == "busy"
+        assert client.get(f"/v1/batches/{created['id']}", headers=user).json["status"] == "validating"

@@ -9,57 +9,25 @@ import time
 import openai
 import pytest
 
-from bellaq.extensions import db
-from bellaq.models import Batch
-from tests.batch_fixtures import CHAT, chat_line, create_batch, jsonl, read_jsonl, sdk, upload, wait_for
-
-BATCH_FIELDS = {
-    "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window", "status",
-    "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at",
-    "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata",
-    "usage",
-}
-QUEUE = {"X-BELLA-QUEUE-NAME": "ext"}
-
-
-@pytest.fixture
-def ext(client, admin):
-    """A queue served only by external workers: nothing runs unless the test takes it."""
-    resp = client.post("/v1/queue/register", json={"queue": "ext", "endpoint": CHAT, "builtin": False}, headers=admin)
-    assert resp.status_code == 200
-    return "ext"
-
-
-def take(client, worker, n: int) -> list[dict]:
-    resp = client.post("/v1/queue/take", json={"queues": ["ext:1"], "size": n, "process_timeout": 600},
-                       headers=worker)
-    assert resp.status_code == 200, resp.json
-    return resp.json["ext:1"]
-
-
-def complete(client, worker, task: dict, status: int = 200, body: dict | None = None):
-    body = body if body is not None else {"id": "chatcmpl-1", "object": "chat.completion", "echo": task["data"]}
-    return client.post(f"/v1/queue/{task['task_id']}/complete", headers=worker,
-                       json={"status_code": status, "request_id": f"req-{task['task_id'][-6:]}", "body": body})
-
-
-def get(client, user, batch_id: str) -> dict:
-    resp = client.get(f"/v1/batches/{batch_id}", headers=user)
-    assert resp.status_code == 200, resp.json
-    assert set(resp.json) == BATCH_FIELDS
-    return resp.json
-
-
-def until_status(client, user, batch_id: str, *statuses: str, timeout: float = 30) -> dict:
-    return wait_for(lambda: (b := get(client, user, batch_id))["status"] in statuses and b, timeout=timeout)
-
-
-def content(client, user, file_id: str | None) -> list[dict]:
-    if file_id is None:
-        return []
-    resp = client.get(f"/v1/files/{file_id}/content", headers=user)
-    assert resp.status_code == 200
-    return read_jsonl(resp.data)
+from tests.batch_fixtures import (  # noqa: F401  (ext_queue is a fixture)
+    BATCH_FIELDS,
+    CHAT,
+    QUEUE,
+    chat_line,
+    complete,
+    content,
+    create_batch,
+    expire_now,
+    ext_queue,
+    get,
+    jsonl,
+    read_jsonl,
+    sdk,
+    take,
+    until_status,
+    upload,
+    wait_for,
+)
 
 
 def test_sdk_create_retrieve_list_cancel_strict(live_server, client, user, ext, celery_worker):
@@ -154,12 +122,6 @@ def test_cancel_a_finished_batch_is_400(client, user, worker, ext, celery_worker
     resp = client.post(f"/v1/batches/{batch['id']}/cancel", headers=user)
     assert resp.status_code == 400 and resp.headers["x-should-retry"] == "false"
     assert "completed" in resp.json["error"]["message"]
-
-
-def expire_now(app, batch_id: str) -> None:
-    with app.app_context():
-        db.session.execute(db.update(Batch).where(Batch.id == batch_id).values(expires_at=int(time.time()) - 1))
-        db.session.commit()
 
 
 def test_expiry_keeps_finished_results_and_writes_batch_expired(app, client, user, worker, ext, celery_worker):

@@ -1,21 +1,20 @@
-"""The Batch API (OpenAI compatible, plus queue routing): ``/v1/batches``."""
+"""The Batch API (OpenAI compatible, plus queue routing, live events and resubmit): ``/v1/batches``."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
-from redis.exceptions import RedisError
+from typing import Any
 
-from bellaq import batches
+from flask import Blueprint, Response, current_app, jsonify, request
+
 from bellaq.api.files import list_envelope
 from bellaq.auth import current_principal, require
-from bellaq.errors import Unavailable
+from bellaq.batches import events, resubmit, service
+from bellaq.batches.service import QUEUE_HEADER
 from bellaq.idempotency import idempotent
 from bellaq.services import services
 from bellaq.validation import int_arg, json_body
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
-
-QUEUE_HEADER = "X-BELLA-QUEUE-NAME"
 
 
 @bp.post("")
@@ -25,13 +24,8 @@ def create():
     body = json_body()
 
     def make() -> tuple[dict, int]:
-        batch = batches.create(principal, body, request.headers.get(QUEUE_HEADER))
-        try:
-            services().batch_created(batch.id)
-        except (RedisError, OSError) as err:
-            batches.discard(batch.id)
-            raise Unavailable("The task broker (Redis) is unavailable; the batch was not created.") from err
-        return batches.public(batch), 200
+        batch = service.create(principal, body, request.headers.get(QUEUE_HEADER))
+        return service.batch_object(batch), 200
 
     return idempotent("batches.create", principal.owner, services().settings.idempotency_ttl, make)
 
@@ -39,20 +33,41 @@ def create():
 @bp.get("")
 @require("user")
 def list_batches():
-    rows, has_more = batches.list_batches(current_principal(), int_arg("limit", 20, 1, 100),
+    rows, has_more = service.list_batches(current_principal(), int_arg("limit", 20, 1, 100),
                                           request.args.get("after") or None)
-    return jsonify(list_envelope([batches.public(b) for b in rows], has_more))
+    return jsonify(list_envelope([service.batch_object(b) for b in rows], has_more))
 
 
 @bp.get("/<batch_id>")
 @require("user")
 def retrieve(batch_id: str):
-    return jsonify(batches.public(batches.owned(current_principal(), batch_id)))
+    return jsonify(service.batch_object(service.owned(current_principal(), batch_id)))
 
 
 @bp.post("/<batch_id>/cancel")
 @require("user")
 def cancel(batch_id: str):
-    batch = batches.cancel(current_principal(), batch_id)
-    services().batch_ending(batch.id)
-    return jsonify(batches.public(batch))
+    return jsonify(service.batch_object(service.cancel(current_principal(), batch_id)))
+
+
+@bp.post("/<batch_id>/resubmit")
+@require("user")
+def resubmit_batch(batch_id: str):
+    principal = current_principal()
+    body: dict[str, Any] = json_body() if request.get_data(cache=True) else {}
+
+    def make() -> tuple[dict, int]:
+        batch = resubmit.resubmit(principal, batch_id, body, request.headers.get(QUEUE_HEADER))
+        return service.batch_object(batch), 200
+
+    # The original's id is part of the key's scope: one key cannot resubmit two batches.
+    return idempotent(f"batches.resubmit:{batch_id[:40]}", principal.owner, services().settings.idempotency_ttl,
+                      make)
+
+
+@bp.get("/<batch_id>/events")
+@require("user")
+def batch_events(batch_id: str):
+    batch = service.owned(current_principal(), batch_id)
+    return Response(events.stream(current_app._get_current_object(), batch.id), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

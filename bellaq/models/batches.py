@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 
 from sqlalchemy import BigInteger, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
@@ -10,10 +11,27 @@ from sqlalchemy.orm import Mapped, mapped_column
 from bellaq.extensions import db
 from bellaq.models.types import LongText
 
-VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
-COMPLETED, FAILED, EXPIRED = "completed", "failed", "expired"
-CANCELLING, CANCELLED = "cancelling", "cancelled"
-FINAL_STATUSES = (COMPLETED, FAILED, EXPIRED, CANCELLED)
+
+class BatchStatus(str, Enum):
+    """The status of a batch (OpenAI's values): a ``str``, so it compares and serialises as one."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATUSES = frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
+# The column stamped when a batch reaches each final status.
+FINAL_STAMPS = {BatchStatus.COMPLETED: "completed_at", BatchStatus.FAILED: "failed_at",
+                BatchStatus.EXPIRED: "expired_at", BatchStatus.CANCELLED: "cancelled_at"}
 
 TIMESTAMP_FIELDS = (
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
@@ -24,10 +42,11 @@ TIMESTAMP_FIELDS = (
 class Batch(db.Model):
     """A batch. Ids are time-ordered (``batch_<ms hex><random hex>``): newest first is id desc.
 
-    Life cycle columns besides ``status``: ``ending`` is set once when a cancel or the expiry
-    begins (``cancelled`` / ``expired``); ``ingested_at`` when every line is a task row;
-    ``final_status`` when finalisation is claimed (the chord runs once per batch). The
-    request counts are stored on finalisation; before that they are counted from the tasks.
+    Life cycle columns besides ``status``: ``ending`` is set once when a cancel, the expiry, or a
+    failure after some lines became tasks begins (``cancelled`` / ``expired`` / ``failed``);
+    ``ingested_at`` when every line is a task row; ``final_status`` when finalisation is claimed
+    (the chord runs once per batch). The request counts are stored on finalisation; before that
+    they are counted from the tasks.
     """
 
     __tablename__ = "batches"
@@ -37,7 +56,7 @@ class Batch(db.Model):
     endpoint: Mapped[str] = mapped_column(String(256))
     input_file_id: Mapped[str] = mapped_column(String(40))
     completion_window: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default=VALIDATING, index=True)
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.VALIDATING, index=True)
     queue: Mapped[str] = mapped_column(String(64), default="")
     model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
