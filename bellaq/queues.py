@@ -113,7 +113,9 @@ def get_queue(name: str) -> Queue:
 def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = "queue") -> Queue:
     """The queue for a request: the named one (which must serve ``endpoint``) or the default one.
 
-    A default queue that does not exist yet is registered as a built-in fifo queue.
+    The default is the queue named after the endpoint and model; a default queue that does not exist
+    yet is registered as a built-in fifo queue for the built-in endpoints, and any other endpoint
+    goes to the (oldest) registered queue that serves it.
     """
     if explicit is not None:
         row = db.session.get(Queue, check_queue_name(explicit, param))
@@ -134,6 +136,10 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
                              code="queue_not_registered")
         return row
     if endpoint not in BUILTIN_ENDPOINTS:
+        served = db.session.execute(db.select(Queue).where(Queue.endpoint == endpoint)
+                                    .order_by(Queue.created_at, Queue.name).limit(1)).scalar_one_or_none()
+        if served is not None:
+            return served  # the registered queue that serves this endpoint
         raise BadRequest(f"No queue serves {endpoint} here. A queue is created on first use only for "
                          f"{', '.join(BUILTIN_ENDPOINTS)}; ask an admin to register a queue for {endpoint} "
                          "(POST /v1/queue/register) and name it in 'queue'.", param=param,

@@ -28,11 +28,11 @@ from bellaq.models.batches import FINAL_STATUSES, BatchStatus
 from bellaq.models.tasks import CANCELLED, FAILED, SUCCEEDED, TIMEOUT
 from bellaq.queues import check_endpoint, resolve_queue
 from bellaq.services import services
+from bellaq.upstream_rules import BUILTIN_ENDPOINTS
 from bellaq.validation import field as body_field
 
 log = logging.getLogger(__name__)
 
-OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
 QUEUE_HEADER = "X-BELLA-QUEUE-NAME"
 # What handing work to the workers raises when Redis or the broker is down.
 HANDOFF_ERRORS = (RedisError, KombuError, OSError)
@@ -57,9 +57,9 @@ def create(principal: Principal, body: dict[str, Any], queue_header: str | None)
     queue_name = ""
     if queue_header is not None:
         queue_name = named_queue(endpoint, queue_header)
-    elif endpoint not in OPENAI_ENDPOINTS and not db.session.execute(
+    elif endpoint not in BUILTIN_ENDPOINTS and not db.session.execute(
             db.select(Queue.name).where(Queue.endpoint == endpoint).limit(1)).first():
-        raise BadRequest(f"Endpoint {endpoint} is not served here: use one of {', '.join(OPENAI_ENDPOINTS)} or the "
+        raise BadRequest(f"Endpoint {endpoint} is not served here: use one of {', '.join(BUILTIN_ENDPOINTS)} or the "
                          "endpoint of a registered queue.", param="endpoint", code="invalid_endpoint")
     batch = new_batch(principal.owner, endpoint, input_file_id, window, metadata, queue_name)
     hand_off(batch)

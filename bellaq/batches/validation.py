@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from bellaq.errors import BadRequest
+from bellaq.validation import loads_strict
 
 MAX_ERRORS = 100  # entries of errors.data; one more says how many were left out
 MAX_CUSTOM_ID = 512
@@ -57,11 +58,9 @@ def check_metadata(metadata: dict | None) -> dict | None:
 # ------------------------------------------------------------------------------------ input lines
 
 def parse_line(raw: bytes) -> Any:
-    """One input line as JSON: the single place batch lines are parsed. Raises ValueError."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("the JSON is nested too deeply") from None
+    """One input line as JSON: the single place batch lines are parsed, by the service's one strict
+    reader (no NaN, lone surrogates, duplicate keys or nesting beyond its limit). Raises ValueError."""
+    return loads_strict(raw)
 
 
 def read_lines(stream: BinaryIO, max_line: int) -> Iterator[tuple[int, bytes | None, int]]:
