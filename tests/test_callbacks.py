@@ -398,3 +398,36 @@ def test_a_worker_killed_before_its_first_attempt_loses_no_callback(tmp_path, re
         assert len(receiver.calls) == 1
     finally:
         stack.stop()
+
+
+@pytest.mark.slow
+def test_a_gevent_worker_makes_100_deliveries_at_once_without_discarding_connections(tmp_path, redis_prefix,
+                                                                                      mock_upstream):
+    """``-P gevent -c 100``: 100 first attempts in flight together (the receiver holds each until
+    all 100 arrived), and urllib3 never logs "Connection pool is full"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.stack import Stack
+
+    barrier = threading.Barrier(100, timeout=30)
+    with Receiver(before_answer=barrier.wait) as receiver:
+        stack = Stack(tmp_path, redis_prefix, f"sqlite:///{tmp_path / 'stack.db'}", mock_upstream.base_url)
+        try:
+            stack.start_web(workers=1)
+            stack.start_worker(concurrency=100, pool="gevent")
+            user = {"Authorization": "Bearer " + requests.post(
+                f"{stack.url}/v1/keys", headers=auth(ADMIN_KEY), json={"role": "user"}, timeout=10).json()["key"]}
+
+            def put_one(_: int) -> None:
+                requests.post(f"{stack.url}/v1/queue/put", headers=user, timeout=30, json={
+                    "endpoint": CHAT, "data": chat("x"), "callback_url": receiver.url}).raise_for_status()
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(put_one, range(100)))
+            wait_for(lambda: len(receiver.calls) == 100 and not barrier.n_waiting, timeout=60,
+                     message="100 deliveries")
+            assert not barrier.broken
+            logs = "".join(path.read_text(errors="replace") for path in tmp_path.glob("worker-*.log"))
+            assert "pool is full" not in logs
+        finally:
+            stack.stop()

@@ -58,6 +58,7 @@ BACKLOG_PER_SLOT = 4  # first attempts queued per pool slot before they go to Ce
 SWEEP_BATCH = 500
 RESEED_HORIZON_MS = 24 * 3600 * 1000
 SECRET_CACHE_S = 60.0
+SECRET_CACHE_SIZE = 10_000
 _HIDDEN = ("callback_status", "callback_attempts", "callback_http_status")  # not part of the message
 
 
@@ -218,6 +219,8 @@ def _secret(owner: str, settings: Settings) -> str:
         db.session.rollback()
         secret = owner_secret(owner)
         db.session.commit()
+    if len(_secrets) >= SECRET_CACHE_SIZE:
+        _secrets.clear()
     _secrets[key] = (time.monotonic() + SECRET_CACHE_S, secret)
     return secret
 
@@ -272,14 +275,15 @@ def record(outcomes: Sequence[Outcome]) -> None:
     )
     db.session.commit()
     now = time.time()
-    for task_id, number, delay in retries:
-        deliver.apply_async((task_id, number), queue=CONTROL_QUEUE, countdown=delay)
     pipe = svc.redis.pipeline(transaction=False)
     if ended:
         pipe.zrem(_pending_key(svc), *ended)
     if retries:
         pipe.zadd(_pending_key(svc), {tid: now + delay + settings.callback_sweep_after for tid, _, delay in retries})
     pipe.execute()
+    # Published last: a retry that runs at once finds this attempt in SQL and its entry re-scored.
+    for task_id, number, delay in retries:
+        deliver.apply_async((task_id, number), queue=CONTROL_QUEUE, countdown=delay)
 
 
 def _next_attempt(task: Task) -> int | None:
