@@ -58,6 +58,8 @@ class Settings:
     callback_allowlist: str = ""
     callback_max_attempts: int = 8
     callback_backoff_base: float = 1.0
+    callback_concurrency: int = 100
+    callback_sweep_after: float = 60.0
     default_task_timeout: int = 300
     max_task_timeout: int = 24 * 3600
     default_process_timeout: int = 300
@@ -95,6 +97,8 @@ class Settings:
             callback_allowlist=_env("BELLAQ_CALLBACK_ALLOWLIST", ""),
             callback_max_attempts=_int("BELLAQ_CALLBACK_MAX_ATTEMPTS", 8),
             callback_backoff_base=_float("BELLAQ_CALLBACK_BACKOFF_BASE", 1.0),
+            callback_concurrency=_int("BELLAQ_CALLBACK_CONCURRENCY", 100),
+            callback_sweep_after=_float("BELLAQ_CALLBACK_SWEEP_AFTER", 60.0),
             default_task_timeout=_int("BELLAQ_TASK_TIMEOUT", 300),
             max_task_timeout=_int("BELLAQ_MAX_TASK_TIMEOUT", 24 * 3600),
             default_process_timeout=_int("BELLAQ_PROCESS_TIMEOUT", 300),

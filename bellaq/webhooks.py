@@ -61,6 +61,12 @@ def new_msg_id() -> str:
     return "msg_" + secrets.token_hex(16)
 
 
+def message_id(subject: str) -> str:
+    """The webhook id of the one message about ``subject`` (a task id), ``msg_<32 hex>``: the same
+    on every attempt and from every process, so receivers can deduplicate retries."""
+    return "msg_" + hashlib.sha256(f"bellaq-webhook:{subject}".encode()).hexdigest()[:32]
+
+
 def headers_for(
     secret: str, body: bytes, msg_id: str | None = None, timestamp: int | None = None
 ) -> dict[str, str]:

@@ -1,14 +1,12 @@
-"""Callback, blocking and streaming modes end to end (SPEC 3): real servers, real workers."""
+"""Blocking and streaming modes end to end (SPEC 3): real servers, real workers (callbacks:
+``test_callbacks.py``)."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 import requests
 
 from tests.conftest import ADMIN_KEY, auth, wait_for
@@ -18,89 +16,6 @@ CHAT = "/v1/chat/completions"
 
 def chat(text: str, **extra) -> dict:
     return dict({"model": "mock-1", "messages": [{"role": "user", "content": text}]}, **extra)
-
-
-class Receiver:
-    """A callback receiver: a real HTTP server in a thread that records what it is sent."""
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.calls: list[tuple[dict, bytes]] = []
-        self.statuses = list(statuses or [])
-        self.event = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.end_headers()
-                if status == 200:
-                    receiver.event.set()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver()
-    yield r
-    r.close()
-
-
-def test_callback_is_posted_signed_with_the_owners_secret(client, admin, celery_worker, receiver):
-    key = client.post("/v1/keys", json={"role": "user", "name": "cb"}, headers=admin).json
-    put = client.post("/v1/queue/put", headers=auth(key["key"]), json={
-        "endpoint": CHAT, "data": chat("call me back"), "callback_url": receiver.url})
-    task_id = put.json["data"]
-    assert receiver.event.wait(20), "no callback arrived"
-    headers, body = receiver.calls[-1]
-    payload = json.loads(body)
-    assert payload["task_id"] == task_id and payload["status"] == "succeeded"
-    assert payload["result"]["body"]["choices"][0]["message"]["content"] == "echo: call me back"
-    import openai
-
-    sdk = openai.OpenAI(api_key="unused", webhook_secret=key["webhook_secret"])
-    sdk.webhooks.verify_signature(body, headers)  # raises if the signature is wrong
-    with pytest.raises(Exception):  # noqa: B017 - any verification error
-        sdk.webhooks.verify_signature(body + b" ", headers)
-
-
-def test_callback_is_retried_until_2xx(client, user, settings, celery_worker):
-    settings.callback_backoff_base = 0.05
-    receiver = Receiver(statuses=[500, 503])
-    try:
-        task_id = client.post("/v1/queue/put", headers=user, json={
-            "endpoint": CHAT, "data": chat("retry"), "callback_url": receiver.url}).json["data"]
-        assert receiver.event.wait(30), "the callback was not retried to success"
-        assert len(receiver.calls) == 3
-        ids = {h["webhook-id"] for h, _ in receiver.calls}
-        assert len(ids) == 1  # one message id across retries, so receivers can deduplicate
-        task = wait_for(lambda: (t := client.get(f"/v1/queue/{task_id}", headers=user).json)
-                        ["callback_status"].startswith("delivered") and t)
-        assert "after 3 attempt" in task["callback_status"]
-    finally:
-        receiver.close()
-
-
-def test_callback_to_a_private_address_is_refused_without_allowlist(app, client, user, settings):
-    settings.callback_allow_private = False
-    resp = client.post("/v1/queue/put", headers=user, json={
-        "endpoint": CHAT, "data": chat("x"), "callback_url": "http://127.0.0.1:8080/hook"})
-    assert resp.status_code == 400 and resp.json["error"]["param"] == "callback_url"
-    settings.callback_allowlist = "127.0.0.0/8"
-    resp = client.post("/v1/queue/put", headers=user, json={
-        "endpoint": CHAT, "data": chat("x"), "callback_url": "http://127.0.0.1:8080/hook"})
-    assert resp.status_code == 200
 
 
 def test_blocking_answers_with_the_upstreams_status_and_body(live_server, make_key, celery_worker):

@@ -188,3 +188,11 @@ def test_standardwebhooks_package_agrees(secret: str) -> None:
 def test_module_exports() -> None:
     for name in ("new_secret", "sign", "headers_for", "verify", "WebhookVerificationError"):
         assert hasattr(webhooks, name)
+
+
+def test_message_id_is_stable_per_subject() -> None:
+    from bellaq.webhooks import message_id
+
+    assert message_id("task_1") == message_id("task_1")
+    assert message_id("task_1") != message_id("task_2")
+    assert message_id("task_1").startswith("msg_") and len(message_id("task_1")) == 4 + 32

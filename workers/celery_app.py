@@ -91,6 +91,7 @@ def beat_schedule() -> dict[str, dict]:
         "reap-leases": {"task": "bellaq.reap", "schedule": 2.0, "options": {"queue": CONTROL_QUEUE}},
         "check-engine": {"task": "bellaq.check_engine", "schedule": 15.0, "options": {"queue": CONTROL_QUEUE}},
         "expire-batches": {"task": "bellaq.expire_batches", "schedule": 10.0, "options": {"queue": CONTROL_QUEUE}},
+        "sweep-callbacks": {"task": "bellaq.sweep_callbacks", "schedule": 5.0, "options": {"queue": CONTROL_QUEUE}},
     }
 
 

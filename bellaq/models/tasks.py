@@ -7,6 +7,7 @@ import json
 from sqlalchemy import BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
+from bellaq.callback_status import CallbackStatus
 from bellaq.extensions import db
 from bellaq.models.types import LongText
 
@@ -57,7 +58,7 @@ class Task(db.Model):
             "status": self.status,
             "response_mode": self.response_mode,
             "callback_url": self.callback_url or "",
-            "callback_status": self.callback_status,
+            **CallbackStatus.parse(self.callback_status).fields(),
             "instance_id": self.instance_id or "",
             "timeout": self.timeout,
             "start_time": self.start_time,
