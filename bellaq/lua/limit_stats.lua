@@ -30,5 +30,5 @@ end
 local win = lim.win or {now, 0, 0}
 return {opt(lim.rpm, '%.0f'), opt(lim.tpm, '%.0f'), opt(lim.mif, '%.0f'), opt(lim.burst, '%.0f'),
         bq_fmt(redis.call('SCARD', KEYS[2])), bq_fmt(lim.paused > now and lim.paused or 0),
-        opt(lim.factor or 1, '%.6f'), opt(lim.req and lim.req.level, '%.4f'),
-        opt(lim.tok and lim.tok.level, '%.4f'), bq_fmt(win[1]), bq_fmt(win[2]), bq_fmt(win[3])}
+        opt(lim.factor or 1, '%.6f'), opt(lim.req and lim.req.level, '%.17g'),
+        opt(lim.tok and lim.tok.level, '%.17g'), bq_fmt(win[1]), bq_fmt(win[2]), bq_fmt(win[3])}

@@ -36,6 +36,7 @@ local BQ_BURST_MS = 1000
 local BQ_AI_PER_MS = 0.01 / 1000
 local BQ_MD = 0.5
 local BQ_MIN_FACTOR = 0.0625
+local BQ_EPS = 1e-6  -- float noise: a level this close to what is needed counts as enough
 
 local function bq_bucket(limit, burst, level, ts, factor, now)
   local cap = math.max(1, limit * burst / BQ_WINDOW_MS)
@@ -84,7 +85,7 @@ local function bq_block(lim, reason, wait)
 end
 
 local function bq_bucket_wait(b, need)
-  return math.max(1, math.ceil((need - b.level) / b.rate))
+  return math.max(1, math.ceil((need - b.level) / b.rate - BQ_EPS))
 end
 
 local function bq_admit(lim, cost)
@@ -100,12 +101,12 @@ local function bq_admit(lim, cost)
   if lim.mif and lim.inflight >= lim.mif then
     return bq_block(lim, 'in_flight', nil)
   end
-  if lim.req and lim.req.level < 1 then
+  if lim.req and lim.req.level < 1 - BQ_EPS then
     return bq_block(lim, 'rpm', bq_bucket_wait(lim.req, 1))
   end
   if lim.tok then
     local need = math.min(cost, lim.tok.cap)
-    if lim.tok.level < need then
+    if lim.tok.level < need - BQ_EPS then
       return bq_block(lim, 'tpm', bq_bucket_wait(lim.tok, need))
     end
   end
@@ -147,11 +148,11 @@ local function bq_save(lim)
     return
   end
   local f = {'win_start', bq_fmt(lim.win[1]), 'win_req', bq_fmt(lim.win[2]), 'win_tok', bq_fmt(lim.win[3]),
-             'factor', string.format('%.6f', lim.factor), 'factor_ts', bq_fmt(lim.now)}
+             'factor', string.format('%.17g', lim.factor), 'factor_ts', bq_fmt(lim.now)}
   for _, b in ipairs({{'req', lim.req}, {'tok', lim.tok}}) do
     if b[2] then
       f[#f + 1] = b[1]
-      f[#f + 1] = string.format('%.4f', b[2].level)
+      f[#f + 1] = string.format('%.17g', b[2].level)
       f[#f + 1] = b[1] .. '_ts'
       f[#f + 1] = bq_fmt(b[2].ts)
     end
