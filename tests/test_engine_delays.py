@@ -60,6 +60,31 @@ def test_a_take_promotes_at_most_100_per_level_and_the_reaper_the_rest(any_engin
     assert len(any_engine.requeue_expired("q", 0, now_ms=T0 + DUE).promoted) == 50
 
 
+def test_each_level_keeps_its_own_earliest_due_time(any_engine: QueueEngine) -> None:
+    fill(any_engine, "q", 0, ["late", "early"])
+    fill(any_engine, "q", 1, ["other"])
+    any_engine.take([("q", 0), ("q", 1)], 3, strategy="active_passive", now_ms=T0)
+    any_engine.delay("q", 0, "late", 5000, now_ms=T0)
+    any_engine.delay("q", 0, "early", 1000, now_ms=T0)  # due before the one already delayed
+    any_engine.delay("q", 1, "other", 500, now_ms=T0)
+    assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + 999)) == []
+    assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + 1000)) == ["early"]
+    assert ids(any_engine.take([("q", 1)], 5, now_ms=T0 + 1000)) == ["other"]
+    assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + 4999)) == []
+    assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + 5000)) == ["late"]
+
+
+def test_a_cancelled_delayed_task_leaves_no_trace_in_later_promotions(any_engine: QueueEngine) -> None:
+    fill(any_engine, "q", 0, ["gone", "kept"])
+    any_engine.take([("q", 0)], 2, now_ms=T0)
+    any_engine.delay("q", 0, "gone", 1000, now_ms=T0)
+    any_engine.cancel("q", 0, "gone")
+    any_engine.delay("q", 0, "kept", 3000, now_ms=T0)
+    assert any_engine.take([("q", 0)], 5, now_ms=T0 + 1000) == []
+    assert any_engine.take([("q", 0)], 5, now_ms=T0 + 2999) == []
+    assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + 3000)) == ["kept"]
+
+
 def test_delay_frees_the_lease_and_keeps_attempts_counting(any_engine: QueueEngine) -> None:
     fill(any_engine, "q", 0, ["t1"])
     now = T0

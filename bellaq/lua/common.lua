@@ -28,9 +28,11 @@
   bq_requeue(w, s, id, now)
                        -> ZADD `id` to waiting KEYS[w] at its original enqueue
                           score from the scores hash KEYS[s] (now, if unknown).
-  bq_promote(d, w, s, now, limit)
+  bq_promote(d, w, s, k, level, now, limit)
                        -> move up to `limit` due tasks (due time <= now) from the
                           delayed zset KEYS[d] back to waiting; returns their ids.
+                          Keeps the field due:<level> of the limits hash KEYS[k]
+                          (see limits.lua): the earliest due time left, if any.
 ]]
 local function bq_now_ms(arg)
   local n = tonumber(arg)
@@ -84,11 +86,17 @@ local function bq_requeue(w, s, id, now)
   redis.call('ZADD', KEYS[w], score, id)
 end
 
-local function bq_promote(d, w, s, now, limit)
+local function bq_promote(d, w, s, k, level, now, limit)
   local due = redis.call('ZRANGEBYSCORE', KEYS[d], '-inf', bq_fmt(now), 'LIMIT', 0, limit)
   for _, id in ipairs(due) do
     redis.call('ZREM', KEYS[d], id)
     bq_requeue(w, s, id, now)
+  end
+  local head = redis.call('ZRANGE', KEYS[d], 0, 0, 'WITHSCORES')
+  if #head > 0 then
+    redis.call('HSET', KEYS[k], 'due:' .. level, head[2])
+  else
+    redis.call('HDEL', KEYS[k], 'due:' .. level)
   end
   return due
 end

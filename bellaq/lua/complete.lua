@@ -35,15 +35,25 @@
 -- @include limits.lua
 
 local id = ARGV[1]
-if not redis.call('ZSCORE', KEYS[1], id) then
+local function ended_before()
   if redis.call('ZSCORE', KEYS[2], id) then
     return 'already'
   end
   return 'not_leased'
 end
-local rec = redis.call('HGET', KEYS[7], id)
-if not bq_holder_ok(rec, ARGV[4]) then
-  return 'wrong_holder'
+local rec
+if ARGV[4] ~= '' or ARGV[5] ~= '' then
+  -- the lease record is read only when a holder or tokens need it
+  if not redis.call('ZSCORE', KEYS[1], id) then
+    return ended_before()
+  end
+  rec = redis.call('HGET', KEYS[7], id)
+  if not bq_holder_ok(rec, ARGV[4]) then
+    return 'wrong_holder'
+  end
+end
+if redis.call('ZREM', KEYS[1], id) == 0 then
+  return ended_before()
 end
 local now = bq_now_ms(ARGV[3])
 if ARGV[5] ~= '' then
@@ -52,7 +62,6 @@ if ARGV[5] ~= '' then
   bq_correct(lim, charged or 0, tonumber(ARGV[5]))
   bq_save(lim)
 end
-redis.call('ZREM', KEYS[1], id)
 redis.call('SREM', KEYS[9], id)
 bq_forget(4, {id})
 redis.call('ZADD', KEYS[2], bq_fmt(now), id)

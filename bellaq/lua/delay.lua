@@ -9,13 +9,14 @@
     KEYS[2] delayed zset     P:{Q}:L:delayed
     KEYS[3] leaseinfo hash   P:{Q}:leaseinfo
     KEYS[4] inflight set     P:{Q}:inflight
-    KEYS[5] limits hash      P:{Q}:limits
+    KEYS[5] limits hash      P:{Q}:limits (token correction, due:<level>)
 
     ARGV[1] task_id
     ARGV[2] delay_ms: due at now + delay_ms
     ARGV[3] holder: '' skips the check, else it must match the lease's holder
     ARGV[4] tokens the attempt really used ('' = unknown), as in complete.lua
     ARGV[5] now_ms (0 = server clock)
+    ARGV[6] the level L
 
   Output:
     'delayed'      done
@@ -43,5 +44,12 @@ end
 redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[3], id)
 redis.call('SREM', KEYS[4], id)
-redis.call('ZADD', KEYS[2], bq_fmt(now + tonumber(ARGV[2])), id)
+local due = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], bq_fmt(due), id)
+-- keep due:<level> a lower bound of the level's due times (see limits.lua)
+local field = 'due:' .. ARGV[6]
+local earliest = tonumber(redis.call('HGET', KEYS[5], field))
+if not earliest or due < earliest then
+  redis.call('HSET', KEYS[5], field, bq_fmt(due))
+end
 return 'delayed'

@@ -10,6 +10,11 @@
     factor, factor_ts                    AIMD factor on both rates at factor_ts
     win_start, win_req, win_tok          requests and tokens charged in the
                                          one-minute window from win_start (stats)
+    due:<level>                          no delayed task of that level is due
+                                         before this (ms): a lower bound kept by
+                                         delay.lua and bq_promote, so a take
+                                         reads it here instead of probing each
+                                         delayed set
 
   A bucket holds burst_ms worth of its per-minute rate (at least 1) and refills
   continuously at rate * factor. A task needs one request token and
@@ -19,8 +24,10 @@
   of the queue's inflight set (every level). The factor (<= 1) halves on a
   throttle signal (pause.lua) and regains BQ_AI_PER_MS of the rate per ms.
 
-  bq_limiter(k, f, now) -> the limits of KEYS[k] (inflight set KEYS[f]) at now:
-                           .active (anything to check), .limited (a limit set)
+  bq_limiter(k, f, now, levels)
+                        -> the limits of KEYS[k] (inflight set KEYS[f]) at now:
+                           .active (anything to check), .limited (a limit set),
+                           .due[level] for each of `levels` (nil: none delayed)
   bq_admit(lim, cost)   -> true, or false after noting lim.blocked (the
                            reason: 'paused', 'in_flight', 'rpm', 'tpm') and
                            lim.wait (ms until it may pass; nil for in_flight).
@@ -46,34 +53,43 @@ local function bq_bucket(limit, burst, level, ts, factor, now)
   return {cap = cap, rate = limit * factor / BQ_WINDOW_MS, level = l, ts = math.max(t, now)}
 end
 
-local function bq_limiter(k, f, now)
-  local v = redis.call('HMGET', KEYS[k], 'rpm', 'tpm', 'max_in_flight', 'burst_ms', 'paused_until',
-    'req', 'req_ts', 'tok', 'tok_ts', 'factor', 'factor_ts', 'win_start', 'win_req', 'win_tok')
-  local lim = {k = k, now = now, paused = tonumber(v[5]) or 0}
+local function bq_limiter(k, f, now, levels)
+  levels = levels or {}
+  local fields = {'rpm', 'tpm', 'max_in_flight', 'paused_until'}
+  for _, level in ipairs(levels) do
+    fields[#fields + 1] = 'due:' .. level
+  end
+  local v = redis.call('HMGET', KEYS[k], unpack(fields))
+  local lim = {k = k, now = now, paused = tonumber(v[4]) or 0, due = {}}
+  for i, level in ipairs(levels) do
+    lim.due[level] = tonumber(v[4 + i])
+  end
   lim.rpm, lim.tpm, lim.mif = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
   lim.limited = (lim.rpm or lim.tpm or lim.mif) ~= nil
   lim.active = lim.limited or lim.paused > now
   if not lim.limited then
     return lim
   end
-  lim.burst = tonumber(v[4]) or BQ_BURST_MS
-  local factor = tonumber(v[10]) or 1
-  local since = math.max(0, now - (tonumber(v[11]) or now))
-  lim.factor = math.min(1, factor + since * BQ_AI_PER_MS)
+  -- the state is read only for a queue with limits: queues without pay one HMGET
+  v = redis.call('HMGET', KEYS[k], 'burst_ms', 'req', 'req_ts', 'tok', 'tok_ts', 'factor', 'factor_ts',
+    'win_start', 'win_req', 'win_tok')
+  lim.burst = tonumber(v[1]) or BQ_BURST_MS
+  local since = math.max(0, now - (tonumber(v[7]) or now))
+  lim.factor = math.min(1, (tonumber(v[6]) or 1) + since * BQ_AI_PER_MS)
   if lim.rpm then
-    lim.req = bq_bucket(lim.rpm, lim.burst, v[6], v[7], lim.factor, now)
+    lim.req = bq_bucket(lim.rpm, lim.burst, v[2], v[3], lim.factor, now)
   end
   if lim.tpm then
-    lim.tok = bq_bucket(lim.tpm, lim.burst, v[8], v[9], lim.factor, now)
+    lim.tok = bq_bucket(lim.tpm, lim.burst, v[4], v[5], lim.factor, now)
   end
   if lim.mif then
     lim.inflight = redis.call('SCARD', KEYS[f])
   end
-  local ws = tonumber(v[12])
+  local ws = tonumber(v[8])
   if ws == nil or now >= ws + BQ_WINDOW_MS then
     lim.win = {now, 0, 0}
   else
-    lim.win = {ws, tonumber(v[13]) or 0, tonumber(v[14]) or 0}
+    lim.win = {ws, tonumber(v[9]) or 0, tonumber(v[10]) or 0}
   end
   return lim
 end

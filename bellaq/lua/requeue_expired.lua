@@ -23,10 +23,12 @@
     KEYS[10] costs hash       P:{Q}:costs
     KEYS[11] inflight set     P:{Q}:inflight
     KEYS[12] results hash     P:{Q}:results
+    KEYS[13] limits hash      P:{Q}:limits (its due:<level> field, see limits.lua)
 
     ARGV[1] now_ms (0 = server clock)
     ARGV[2] limit: most leases reaped, and most delayed tasks promoted
     ARGV[3] done_ttl_ms: done entries older than this are trimmed
+    ARGV[4] the level L
 
   Output:
     { {requeued task ids...}, {failed task ids...}, {promoted task ids...} }
@@ -58,7 +60,7 @@ if #failed > 0 then
   redis.call('HINCRBY', KEYS[5], 'failed', #failed)
 end
 
-local promoted = bq_promote(3, 1, 8, now, limit)
+local promoted = bq_promote(3, 1, 8, 13, ARGV[4], now, limit)
 
 local cutoff = '(' .. bq_fmt(now - tonumber(ARGV[3]))
 if redis.call('HLEN', KEYS[12]) == 0 then

@@ -22,9 +22,11 @@
     ARGV[5] size         most tasks to take (1..10000, checked by the caller)
     ARGV[6] N            number of listed queues
     ARGV[7] holder       who holds the leases ('' = nobody named)
+    ARGV[7+i]            the level of listed queue i
 
-  Before choosing, each listed (queue, level) gets up to BQ_PROMOTE due
-  delayed tasks back to waiting at their original scores. Each taken task is
+  Before choosing, each listed (queue, level) whose delayed tasks may be due
+  (the limits hash says so: one HMGET per queue name) gets up to BQ_PROMOTE
+  of them back to waiting at their original scores. Each taken task is
   admitted by its queue's limits (limits.lua), moves waiting -> leased, joins
   the queue's inflight set, gets a lease record, and its attempts go up by 1.
   A queue that a limit stops gives nothing more in this call.
@@ -50,20 +52,32 @@ local holder = ARGV[7]
 local out = {-1, ''}
 local taken = 0
 
--- limiter[q]: the limits of listed queue q, one object per queue name
+-- limiter[q]: the limits of listed queue q, one object (and one read) per queue name
 local limiter, limiters = {}, {}
 do
-  local by_key = {}
+  local groups = {}
   for q = 1, nq do
-    local b = (q - 1) * BQ_STRIDE
-    bq_promote(b + 3, b + 1, b + 6, now, BQ_PROMOTE)
-    local lim = by_key[KEYS[b + 10]]
-    if not lim then
-      lim = bq_limiter(b + 10, b + 9, now)
-      by_key[KEYS[b + 10]] = lim
-      limiters[#limiters + 1] = lim
+    local key = KEYS[(q - 1) * BQ_STRIDE + 10]
+    if not groups[key] then
+      groups[key] = {first = q, members = {}, levels = {}}
+      limiters[#limiters + 1] = groups[key]
     end
-    limiter[q] = lim
+    local g = groups[key]
+    g.members[#g.members + 1] = q
+    g.levels[#g.levels + 1] = ARGV[7 + q]
+  end
+  for i, g in ipairs(limiters) do
+    local b = (g.first - 1) * BQ_STRIDE
+    local lim = bq_limiter(b + 10, b + 9, now, g.levels)
+    limiters[i] = lim
+    for j, q in ipairs(g.members) do
+      limiter[q] = lim
+      local due = lim.due[g.levels[j]]
+      if due and due <= now then
+        local qb = (q - 1) * BQ_STRIDE
+        bq_promote(qb + 3, qb + 1, qb + 6, b + 10, g.levels[j], now, BQ_PROMOTE)
+      end
+    end
   end
 end
 

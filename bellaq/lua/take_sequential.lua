@@ -12,6 +12,7 @@
                     tasks, attempts, scores, leaseinfo, costs (hashes P:{Q}:*),
                     inflight (set P:{Q}:inflight), limits (hash P:{Q}:limits)
     ARGV[1..7]      now_ms, lease_ms, timeout_ms, max_retries, size, N, holder
+    ARGV[7+i]       the level of listed queue i
 
   Output (see take.lua):
     retry_ms, limited, then queue_index, task_id, payload, attempts per

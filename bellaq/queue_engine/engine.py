@@ -40,6 +40,25 @@ DONE_TTL_MS = 24 * 3600 * 1000
 ENQUEUE_CHUNK = 500
 CLEAR_CHUNK = 5_000
 RESULTS_CHUNK = 1_000
+KEY_CACHE_SIZE = 10_000
+
+_TASK_HASHES = ("tasks", "attempts", "scores", "leaseinfo", "costs")
+# The KEYS of each script, in order: "L:x" is key x of the queue level, "x" a key of the queue.
+_LAYOUT: dict[str, tuple[str, ...]] = {
+    "enqueue": ("L:waiting", "L:leased", "L:delayed", "L:done", *_TASK_HASHES),
+    "take": ("L:waiting", "L:leased", "L:delayed", *_TASK_HASHES, "inflight", "limits"),
+    "complete": ("L:leased", "L:done", "L:counters", *_TASK_HASHES, "inflight", "limits", "results"),
+    "cancel": ("L:waiting", "L:leased", "L:delayed", "L:counters", *_TASK_HASHES, "inflight"),
+    "delay": ("L:leased", "L:delayed", "leaseinfo", "inflight", "limits"),
+    "extend": ("L:leased", "leaseinfo"),
+    "requeue_expired": ("L:waiting", "L:leased", "L:delayed", "L:done", "L:counters", *_TASK_HASHES,
+                        "inflight", "results", "limits"),
+    "clear": ("L:waiting", "L:delayed", "L:counters", *_TASK_HASHES),
+    "stats": ("L:waiting", "L:leased", "L:delayed", "L:counters"),
+    "set_limits": ("limits",),
+    "pause": ("limits", "inflight"),
+    "limit_stats": ("limits", "inflight"),
+}
 
 
 class QueueEngine:
@@ -54,6 +73,7 @@ class QueueEngine:
         self._scripts: dict[str, Script] = {
             name: redis.register_script(load_lua(f"{name}.lua")) for name in SCRIPTS
         }
+        self._key_cache: dict[tuple[str, str, int], list[str]] = {}
 
     # ----------------------------------------------------------------- keys
     def _qkey(self, queue: str, level: int, kind: str) -> str:
@@ -62,12 +82,20 @@ class QueueEngine:
     def _hkey(self, queue: str, kind: str) -> str:
         return f"{self.prefix}:{{{queue}}}:{kind}"
 
-    def _task_keys(self, queue: str) -> list[str]:
-        """The per-task hashes, in the order every script expects them."""
-        return [self._hkey(queue, k) for k in ("tasks", "attempts", "scores", "leaseinfo", "costs")]
+    def _keys(self, layout: str, queue: str, level: int = 0) -> list[str]:
+        """The KEYS of a script (see ``_LAYOUT``) for queue:level, checked and built once."""
+        check_queue(queue, level)
+        keys = self._key_cache.get((layout, queue, level))
+        if keys is None:
+            if len(self._key_cache) >= KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            keys = [self._qkey(queue, level, kind[2:]) if kind.startswith("L:") else self._hkey(queue, kind)
+                    for kind in _LAYOUT[layout]]
+            self._key_cache[(layout, queue, level)] = keys
+        return keys
 
-    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return self._scripts[name](keys=list(keys), args=list(args))
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._scripts[name](keys=keys, args=args)
 
     def _run_pipelined(
         self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]], register: str | None = None
@@ -101,10 +129,6 @@ class QueueEngine:
         raise RuntimeError(f"could not load Lua script {name}")  # pragma: no cover
 
     # -------------------------------------------------------------- enqueue
-    def _enqueue_keys(self, queue: str, level: int) -> list[str]:
-        return [*(self._qkey(queue, level, k) for k in ("waiting", "leased", "delayed", "done")),
-                *self._task_keys(queue)]
-
     @staticmethod
     def _item_args(task_id: str, payload: str, score: float | None, attempts: int, cost: int) -> list[Any]:
         check_task_id(task_id)
@@ -137,10 +161,9 @@ class QueueEngine:
         costs: Mapping[str, int] | None = None,
     ) -> int:
         """Add ``(task_id, payload, score)`` items in chunks; returns how many were new."""
-        check_queue(queue, level)
+        keys = self._keys("enqueue", queue, level)
         attempts = attempts or {}
         costs = costs or {}
-        keys = self._enqueue_keys(queue, level)
         calls = []
         for start in range(0, len(items), ENQUEUE_CHUNK):
             args: list[Any] = []
@@ -198,20 +221,18 @@ class QueueEngine:
             raise ValueError(f"max_retries must be an integer >= -1 (-1 = unlimited), got {max_retries!r}")
         timeout_ms = round(process_timeout * 1000)
         lease = timeout_ms if lease_ms is None else int(int_arg("lease_ms", lease_ms, 1))
-        listed: list[tuple[str, int]] = []
         for queue, level in queues:
             check_queue(queue, level)
-            if (queue, level) not in listed:
-                listed.append((queue, level))
+        listed = list(dict.fromkeys((queue, level) for queue, level in queues))
         if not listed:
             raise ValueError("queues must list at least one (queue, level)")
         if len(listed) > MAX_TAKE_QUEUES:
             raise ValueError(f"at most {MAX_TAKE_QUEUES} queues per take, got {len(listed)}")
         keys: list[str] = []
         for queue, level in listed:
-            keys += [*(self._qkey(queue, level, k) for k in ("waiting", "leased", "delayed")),
-                     *self._task_keys(queue), self._hkey(queue, "inflight"), self._hkey(queue, "limits")]
-        args = [now_arg(now_ms), lease, timeout_ms, max_retries, size, len(listed), holder_arg(holder)]
+            keys += self._keys("take", queue, level)
+        args = [now_arg(now_ms), lease, timeout_ms, max_retries, size, len(listed), holder_arg(holder),
+                *(level for _, level in listed)]
         flat = self._run(f"take_{strategy}", keys, args)
         taken = []
         for i in range(2, len(flat), 4):
@@ -234,12 +255,11 @@ class QueueEngine:
         """Renew leases of ``queue:level`` in one call: each runs out at now + ``lease_ms``, never
         past the hard bound of its take nor earlier than before. Ids not leased, or leased by
         another holder, are reported and left alone."""
-        check_queue(queue, level)
+        keys = self._keys("extend", queue, level)
         if isinstance(task_ids, str) or len(task_ids) > MAX_TAKE_SIZE:
             raise ValueError(f"task_ids must be a list of at most {MAX_TAKE_SIZE} task ids")
         for task_id in task_ids:
             check_task_id(task_id)
-        keys = [self._qkey(queue, level, "leased"), self._hkey(queue, "leaseinfo")]
         args = [now_arg(now_ms), int_arg("lease_ms", lease_ms, 1), holder_arg(holder), *task_ids]
         renewed, not_leased, wrong = self._run("extend", keys, args)
         return Extended({as_str(renewed[i]): int(renewed[i + 1]) for i in range(0, len(renewed), 2)},
@@ -258,12 +278,10 @@ class QueueEngine:
         """Set a leased task aside for ``delay_ms`` (its lease and in-flight slot are freed, its
         attempts and place kept): 'delayed', 'wrong_holder' or 'not_leased'. ``tokens``: what the
         attempt really used (e.g. 0 after a 429), corrects the token bucket."""
-        check_queue(queue, level)
+        keys = self._keys("delay", queue, level)
         check_task_id(task_id)
-        keys = [self._qkey(queue, level, "leased"), self._qkey(queue, level, "delayed"),
-                self._hkey(queue, "leaseinfo"), self._hkey(queue, "inflight"), self._hkey(queue, "limits")]
         args = [task_id, int_arg("delay_ms", delay_ms, 0), holder_arg(holder),
-                int_arg("tokens", tokens, 0, optional=True), now_arg(now_ms)]
+                int_arg("tokens", tokens, 0, optional=True), now_arg(now_ms), level]
         return as_str(self._run("delay", keys, args))
 
     def requeue_expired(
@@ -271,11 +289,9 @@ class QueueEngine:
     ) -> ExpiredLeases:
         """Reap up to ``limit`` leases with deadline <= now (back to waiting, or failed), promote
         up to ``limit`` due delayed tasks, and trim done entries older than 24 h."""
-        check_queue(queue, level)
+        keys = self._keys("requeue_expired", queue, level)
         int_arg("limit", limit, 1)
-        keys = [*(self._qkey(queue, level, k) for k in ("waiting", "leased", "delayed", "done", "counters")),
-                *self._task_keys(queue), self._hkey(queue, "inflight"), self._hkey(queue, "results")]
-        out = self._run("requeue_expired", keys, [now_arg(now_ms), limit, DONE_TTL_MS])
+        out = self._run("requeue_expired", keys, [now_arg(now_ms), limit, DONE_TTL_MS, level])
         return ExpiredLeases(*([as_str(x) for x in part] for part in out))
 
     def requeue_all_expired(self, now_ms: int | None = None) -> dict[tuple[str, int], ExpiredLeases]:
@@ -311,34 +327,30 @@ class QueueEngine:
     ) -> str:
         """'completed' (first complete of a leased task), 'already' (done before), 'wrong_holder'
         (leased by another holder; nothing changed) or 'not_leased'. See :class:`Completion`."""
-        return self.complete_many([Completion(queue, level, task_id, failed, result, tokens, holder)], now_ms)[0]
+        keys, args = self._complete_call(Completion(queue, level, task_id, failed, result, tokens, holder), now_ms)
+        return as_str(self._run("complete", keys, args))
 
     def complete_many(
         self, items: Sequence[Completion | tuple[str, int, str, bool]], now_ms: int | None = None
     ) -> list[str]:
         """:meth:`complete` for many :class:`Completion` (or ``(queue, level, task_id, failed)``)
         in one round trip."""
-        calls = []
-        for item in items:
-            c = item if isinstance(item, Completion) else Completion(*item)
-            check_queue(c.queue, c.level)
-            check_task_id(c.task_id)
-            if c.result is not None and not isinstance(c.result, str):
-                raise ValueError(f"result of task {c.task_id!r} must be a string or None")
-            keys = [*(self._qkey(c.queue, c.level, k) for k in ("leased", "done", "counters")),
-                    *self._task_keys(c.queue),
-                    *(self._hkey(c.queue, k) for k in ("inflight", "limits", "results"))]
-            args = [c.task_id, 1 if c.failed else 0, now_arg(now_ms), holder_arg(c.holder),
-                    int_arg("tokens", c.tokens, 0, optional=True), 0 if c.result is None else 1, c.result or ""]
-            calls.append((keys, args))
+        calls = [self._complete_call(item if isinstance(item, Completion) else Completion(*item), now_ms)
+                 for item in items]
         return [as_str(out) for out in self._run_pipelined("complete", calls)]
+
+    def _complete_call(self, c: Completion, now_ms: int | None) -> tuple[list[str], list[Any]]:
+        keys = self._keys("complete", c.queue, c.level)
+        check_task_id(c.task_id)
+        if c.result is not None and not isinstance(c.result, str):
+            raise ValueError(f"result of task {c.task_id!r} must be a string or None")
+        return keys, [c.task_id, 1 if c.failed else 0, now_arg(now_ms), holder_arg(c.holder),
+                      int_arg("tokens", c.tokens, 0, optional=True), 0 if c.result is None else 1, c.result or ""]
 
     def cancel(self, queue: str, level: int, task_id: str) -> str:
         """'waiting', 'leased' or 'delayed' (where it was removed from), or 'absent'."""
-        check_queue(queue, level)
+        keys = self._keys("cancel", queue, level)
         check_task_id(task_id)
-        keys = [*(self._qkey(queue, level, k) for k in ("waiting", "leased", "delayed", "counters")),
-                *self._task_keys(queue), self._hkey(queue, "inflight")]
         return as_str(self._run("cancel", keys, [task_id]))
 
     # -------------------------------------------------------------- results
@@ -372,33 +384,28 @@ class QueueEngine:
     ) -> None:
         """Replace the limits of ``queue`` (all levels; None = no such limit). Each bucket holds
         ``burst_ms`` worth of its rate."""
-        check_queue(queue)
+        keys = self._keys("set_limits", queue)
         args = [int_arg("rpm", rpm, 1, optional=True), int_arg("tpm", tpm, 1, optional=True),
                 int_arg("max_in_flight", max_in_flight, 1, optional=True), int_arg("burst_ms", burst_ms, 1)]
-        self._run("set_limits", [self._hkey(queue, "limits")], args)
+        self._run("set_limits", keys, args)
 
     def pause(self, queue: str, pause_ms: int, throttled: bool = False, now_ms: int | None = None) -> int:
         """No take leases a task of ``queue`` for ``pause_ms`` (a longer pause in force stays);
         ``throttled`` (a 429) also slows its rates down (AIMD). Returns when the pause ends (ms)."""
-        check_queue(queue)
-        keys = [self._hkey(queue, "limits"), self._hkey(queue, "inflight")]
+        keys = self._keys("pause", queue)
         args = [now_arg(now_ms), int_arg("pause_ms", pause_ms, 0), 1 if throttled else 0]
         return int(self._run("pause", keys, args))
 
     def limit_stats(self, queue: str, now_ms: int | None = None) -> LimitStats:
         """The limits of ``queue`` and how much of each is in use."""
-        check_queue(queue)
-        keys = [self._hkey(queue, "limits"), self._hkey(queue, "inflight")]
-        v = self._run("limit_stats", keys, [now_arg(now_ms)])
+        v = self._run("limit_stats", self._keys("limit_stats", queue), [now_arg(now_ms)])
         return LimitStats(opt_int(v[0]), opt_int(v[1]), opt_int(v[2]), opt_int(v[3]), int(v[4]), int(v[5]),
                           float(v[6]), opt_float(v[7]), opt_float(v[8]), int(v[9]), int(v[10]), int(v[11]))
 
     # ------------------------------------------------------------ the rest
     def clear(self, queue: str, level: int) -> list[str]:
         """Remove every WAITING or DELAYED task of Q:L (leased ones stay); returns their ids."""
-        check_queue(queue, level)
-        keys = [*(self._qkey(queue, level, k) for k in ("waiting", "delayed", "counters")),
-                *self._task_keys(queue)]
+        keys = self._keys("clear", queue, level)
         removed: list[str] = []
         while True:
             ids = [as_str(x) for x in self._run("clear", keys, [CLEAR_CHUNK])]
@@ -408,9 +415,7 @@ class QueueEngine:
 
     def stats(self, queue: str, level: int, now_ms: int | None = None) -> QueueStats:
         """Waiting, running, done, failed, cancelled, the oldest waiting task's age, delayed."""
-        check_queue(queue, level)
-        keys = [self._qkey(queue, level, k) for k in ("waiting", "leased", "delayed", "counters")]
-        *counts, due = (int(x) for x in self._run("stats", keys, [now_arg(now_ms)]))
+        *counts, due = (int(x) for x in self._run("stats", self._keys("stats", queue, level), [now_arg(now_ms)]))
         return QueueStats(*counts, next_due_in_ms=None if due < 0 else due)
 
     def known_queues(self) -> list[tuple[str, int]]:
