@@ -366,6 +366,11 @@ def test_enqueue_many_in_chunks_counts_new_ones(engine: QueueEngine) -> None:
     assert engine.known_queues() == [("q", 0)]
 
 
+def test_enqueue_many_of_nothing_registers_nothing(engine: QueueEngine) -> None:
+    assert engine.enqueue_many("q", 0, []) == 0
+    assert engine.known_queues() == []
+
+
 def test_enqueue_default_score_is_now_in_microseconds(engine: QueueEngine) -> None:
     before = time.time_ns() // 1000
     engine.enqueue("q", 0, "t1", "")

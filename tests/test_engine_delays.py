@@ -49,6 +49,14 @@ def test_the_reaper_promotes_due_delayed_tasks(any_engine: QueueEngine) -> None:
     assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + DUE)) == ["old", "mid", "new"]
 
 
+def test_the_reaper_promotes_even_if_the_due_time_bound_was_lost(any_engine: QueueEngine) -> None:
+    _delay_the_oldest(any_engine)
+    any_engine.redis.hdel(any_engine._hkey("q", "limits"), "due:0")  # the takes' shortcut is gone
+    assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + DUE)) == ["mid", "new"]
+    assert any_engine.requeue_expired("q", 0, now_ms=T0 + DUE).promoted == ["old"]
+    assert ids(any_engine.take([("q", 0)], 5, now_ms=T0 + DUE)) == ["old"]
+
+
 def test_a_take_promotes_at_most_100_per_level_and_the_reaper_the_rest(any_engine: QueueEngine) -> None:
     fill(any_engine, "q", 0, [f"t{i:03d}" for i in range(150)])
     any_engine.take([("q", 0)], 150, now_ms=T0)

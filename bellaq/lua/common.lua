@@ -92,11 +92,16 @@ local function bq_promote(d, w, s, k, level, now, limit)
     redis.call('ZREM', KEYS[d], id)
     bq_requeue(w, s, id, now)
   end
+  -- written only when it changes: the reaper calls this for every level every few seconds
+  local field = 'due:' .. level
   local head = redis.call('ZRANGE', KEYS[d], 0, 0, 'WITHSCORES')
-  if #head > 0 then
-    redis.call('HSET', KEYS[k], 'due:' .. level, head[2])
-  else
-    redis.call('HDEL', KEYS[k], 'due:' .. level)
+  local have = redis.call('HGET', KEYS[k], field)
+  if #head == 0 then
+    if have then
+      redis.call('HDEL', KEYS[k], field)
+    end
+  elseif have ~= head[2] then
+    redis.call('HSET', KEYS[k], field, head[2])
   end
   return due
 end

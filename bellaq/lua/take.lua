@@ -52,30 +52,30 @@ local holder = ARGV[7]
 local out = {-1, ''}
 local taken = 0
 
--- limiter[q]: the limits of listed queue q, one object (and one read) per queue name
+-- limiter[q]: the limits of listed queue q; one object, and one read, per queue name
 local limiter, limiters = {}, {}
 do
-  local groups = {}
+  local groups, order = {}, {}
   for q = 1, nq do
     local key = KEYS[(q - 1) * BQ_STRIDE + 10]
     if not groups[key] then
       groups[key] = {first = q, members = {}, levels = {}}
-      limiters[#limiters + 1] = groups[key]
+      order[#order + 1] = groups[key]
     end
     local g = groups[key]
     g.members[#g.members + 1] = q
     g.levels[#g.levels + 1] = ARGV[7 + q]
   end
-  for i, g in ipairs(limiters) do
-    local b = (g.first - 1) * BQ_STRIDE
-    local lim = bq_limiter(b + 10, b + 9, now, g.levels)
-    limiters[i] = lim
+  for _, g in ipairs(order) do
+    local k = (g.first - 1) * BQ_STRIDE + 10
+    local lim = bq_limiter(k, k - 1, now, g.levels)
+    limiters[#limiters + 1] = lim
     for j, q in ipairs(g.members) do
       limiter[q] = lim
       local due = lim.due[g.levels[j]]
       if due and due <= now then
-        local qb = (q - 1) * BQ_STRIDE
-        bq_promote(qb + 3, qb + 1, qb + 6, b + 10, g.levels[j], now, BQ_PROMOTE)
+        local b = (q - 1) * BQ_STRIDE
+        bq_promote(b + 3, b + 1, b + 6, k, g.levels[j], now, BQ_PROMOTE)
       end
     end
   end

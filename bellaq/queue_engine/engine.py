@@ -170,6 +170,8 @@ class QueueEngine:
             for task_id, payload, score in items[start : start + ENQUEUE_CHUNK]:
                 args += self._item_args(task_id, payload, score, attempts.get(task_id, 0), costs.get(task_id, 0))
             calls.append((keys, args))
+        if not calls:
+            return 0
         return sum(int(n) for n in self._run_pipelined("enqueue", calls, register=f"{queue}:{level}"))
 
     # ----------------------------------------------------------------- take
