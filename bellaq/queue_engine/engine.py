@@ -62,7 +62,8 @@ _LAYOUT: dict[str, tuple[str, ...]] = {
 
 
 class QueueEngine:
-    """Per (queue, level) waiting set, leases and counters; see the module docstring for keys."""
+    """Waiting, leased, delayed and done tasks per (queue, level), limits per queue; see the
+    package docstring for the operations and keys."""
 
     def __init__(self, redis: redis.Redis, prefix: str = "bq") -> None:
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
@@ -113,7 +114,11 @@ class QueueEngine:
             for i in pending:
                 keys, args = calls[i]
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-            answers = pipe.execute(raise_on_error=False)[1 if register is not None else 0 :]
+            answers = pipe.execute(raise_on_error=False)
+            if register is not None:
+                registered, *answers = answers
+                if isinstance(registered, Exception):
+                    raise registered
             missing = []
             for i, answer in zip(pending, answers, strict=True):
                 if isinstance(answer, NoScriptError):
@@ -134,8 +139,10 @@ class QueueEngine:
         check_task_id(task_id)
         if not isinstance(payload, str):
             raise ValueError(f"payload of task {task_id!r} must be a string (JSON text)")
-        return [task_id, payload, score_arg(score), int_arg(f"attempts of task {task_id!r}", attempts, 0),
-                int_arg(f"cost of task {task_id!r}", cost, 0)]
+        for name, value in (("attempts", attempts), ("cost", cost)):
+            if type(value) is not int or value < 0:  # the message is built only for a bad value
+                int_arg(f"{name} of task {task_id!r}", value, 0)
+        return [task_id, payload, score_arg(score), attempts, cost]
 
     def enqueue(
         self,
