@@ -12,7 +12,6 @@
     KEYS[7]  scores hash      P:{Q}:scores
     KEYS[8]  leaseinfo hash   P:{Q}:leaseinfo
     KEYS[9]  costs hash       P:{Q}:costs
-    KEYS[10] inflight set     P:{Q}:inflight
 
     ARGV[1] task_id
 
@@ -28,7 +27,6 @@ if redis.call('ZREM', KEYS[1], id) == 1 then
   where = 'waiting'
 elseif redis.call('ZREM', KEYS[2], id) == 1 then
   where = 'leased'
-  redis.call('SREM', KEYS[10], id)
 elseif redis.call('ZREM', KEYS[3], id) == 1 then
   where = 'delayed'
 else

@@ -10,9 +10,8 @@
     KEYS[6]  scores hash      P:{Q}:scores
     KEYS[7]  leaseinfo hash   P:{Q}:leaseinfo
     KEYS[8]  costs hash       P:{Q}:costs
-    KEYS[9]  inflight set     P:{Q}:inflight
-    KEYS[10] limits hash      P:{Q}:limits
-    KEYS[11] results hash     P:{Q}:results
+    KEYS[9]  limits hash      P:{Q}:limits
+    KEYS[10] results hash     P:{Q}:results
 
     ARGV[1] task_id
     ARGV[2] '1' if the task failed, '0' if it succeeded
@@ -24,8 +23,7 @@
     ARGV[7] the result text
 
   Output:
-    'completed'    it was leased: now removed (fields deleted, in-flight slot
-                   freed), added to done, its result recorded if given,
+    'completed'    it was leased: now removed (fields and lease record deleted), added to done, its result recorded if given,
                    counters.done (or counters.failed) += 1
     'already'      it is in the done set (a duplicate complete changes nothing)
     'wrong_holder' leased by another holder: nothing changed
@@ -57,16 +55,15 @@ if redis.call('ZREM', KEYS[1], id) == 0 then
 end
 local now = bq_now_ms(ARGV[3])
 if ARGV[5] ~= '' then
-  local lim = bq_limiter(10, 9, now)
+  local lim = bq_limiter(9, 7, now)
   local _, _, charged = bq_parse_lease(rec)
   bq_correct(lim, charged or 0, tonumber(ARGV[5]))
   bq_save(lim)
 end
-redis.call('SREM', KEYS[9], id)
 bq_forget(4, {id})
 redis.call('ZADD', KEYS[2], bq_fmt(now), id)
 if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[11], id, ARGV[7])
+  redis.call('HSET', KEYS[10], id, ARGV[7])
 end
 if ARGV[2] == '1' then
   redis.call('HINCRBY', KEYS[3], 'failed', 1)

@@ -8,8 +8,7 @@
     KEYS[1] leased zset      P:{Q}:L:leased
     KEYS[2] delayed zset     P:{Q}:L:delayed
     KEYS[3] leaseinfo hash   P:{Q}:leaseinfo
-    KEYS[4] inflight set     P:{Q}:inflight
-    KEYS[5] limits hash      P:{Q}:limits (token correction, due:<level>)
+    KEYS[4] limits hash      P:{Q}:limits (token correction, due:<level>)
 
     ARGV[1] task_id
     ARGV[2] delay_ms: due at now + delay_ms
@@ -36,20 +35,19 @@ if not bq_holder_ok(rec, ARGV[3]) then
 end
 local now = bq_now_ms(ARGV[5])
 if ARGV[4] ~= '' then
-  local lim = bq_limiter(5, 4, now)
+  local lim = bq_limiter(4, 3, now)
   local _, _, charged = bq_parse_lease(rec)
   bq_correct(lim, charged or 0, tonumber(ARGV[4]))
   bq_save(lim)
 end
 redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[3], id)
-redis.call('SREM', KEYS[4], id)
 local due = now + tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], bq_fmt(due), id)
 -- keep due:<level> a lower bound of the level's due times (see limits.lua)
 local field = 'due:' .. ARGV[6]
-local earliest = tonumber(redis.call('HGET', KEYS[5], field))
+local earliest = tonumber(redis.call('HGET', KEYS[4], field))
 if not earliest or due < earliest then
-  redis.call('HSET', KEYS[5], field, bq_fmt(due))
+  redis.call('HSET', KEYS[4], field, bq_fmt(due))
 end
 return 'delayed'

@@ -3,7 +3,7 @@
 
   Input:
     KEYS[1] limits hash    P:{Q}:limits
-    KEYS[2] inflight set   P:{Q}:inflight
+    KEYS[2] leaseinfo hash P:{Q}:leaseinfo (in flight: its length)
 
     ARGV[1] now_ms (0 = server clock)
 
@@ -29,6 +29,6 @@ local function opt(v, fmt)
 end
 local win = lim.win or {now, 0, 0}
 return {opt(lim.rpm, '%.0f'), opt(lim.tpm, '%.0f'), opt(lim.mif, '%.0f'), opt(lim.burst, '%.0f'),
-        bq_fmt(redis.call('SCARD', KEYS[2])), bq_fmt(lim.paused > now and lim.paused or 0),
+        bq_fmt(redis.call('HLEN', KEYS[2])), bq_fmt(lim.paused > now and lim.paused or 0),
         opt(lim.factor or 1, '%.6f'), opt(lim.req and lim.req.level, '%.17g'),
         opt(lim.tok and lim.tok.level, '%.17g'), bq_fmt(win[1]), bq_fmt(win[2]), bq_fmt(win[3])}

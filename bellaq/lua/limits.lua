@@ -20,12 +20,12 @@
   continuously at rate * factor. A task needs one request token and
   min(cost, capacity) tokens, and is charged its full cost: a task costing more
   than the bucket holds waits for a full bucket and leaves it in debt, so the
-  long-run rate holds and big tasks never starve. In-flight counts the members
-  of the queue's inflight set (every level). The factor (<= 1) halves on a
+  long-run rate holds and big tasks never starve. In flight are the entries of
+  the queue's leaseinfo hash: one per leased task, every level. The factor (<= 1) halves on a
   throttle signal (pause.lua) and regains BQ_AI_PER_MS of the rate per ms.
 
   bq_limiter(k, f, now, levels)
-                        -> the limits of KEYS[k] (inflight set KEYS[f]) at now:
+                        -> the limits of KEYS[k] (leaseinfo hash KEYS[f]) at now:
                            .active (anything to check), .limited (a limit set),
                            .due[level] for each of `levels` (nil: none delayed)
   bq_admit(lim, cost)   -> true, or false after noting lim.blocked (the
@@ -83,7 +83,7 @@ local function bq_limiter(k, f, now, levels)
     lim.tok = bq_bucket(lim.tpm, lim.burst, v[4], v[5], lim.factor, now)
   end
   if lim.mif then
-    lim.inflight = redis.call('SCARD', KEYS[f])
+    lim.inflight = redis.call('HLEN', KEYS[f])
   end
   local ws = tonumber(v[8])
   if ws == nil or now >= ws + BQ_WINDOW_MS then

@@ -7,7 +7,7 @@
 
   Input:
     KEYS[1] limits hash    P:{Q}:limits
-    KEYS[2] inflight set   P:{Q}:inflight
+    KEYS[2] leaseinfo hash P:{Q}:leaseinfo (in flight: its length)
 
     ARGV[1] now_ms (0 = server clock)
     ARGV[2] pause_ms (>= 0)

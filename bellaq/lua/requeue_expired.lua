@@ -5,7 +5,7 @@
       from the engine with its fields, counters.failed += 1, NOT added to done);
     - otherwise it goes back to waiting at its original enqueue score (so it
       keeps its place, oldest first); attempts are kept.
-  Either way its in-flight slot is freed. Then moves up to `limit` due delayed
+  Either way its lease record goes (so it is no longer in flight). Then moves up to `limit` due delayed
   tasks back to waiting at their original scores, and trims the done set (and
   the recorded results of what it trims) of entries older than done_ttl_ms,
   at most BQ_TRIM per call.
@@ -21,9 +21,8 @@
     KEYS[8]  scores hash      P:{Q}:scores
     KEYS[9]  leaseinfo hash   P:{Q}:leaseinfo
     KEYS[10] costs hash       P:{Q}:costs
-    KEYS[11] inflight set     P:{Q}:inflight
-    KEYS[12] results hash     P:{Q}:results
-    KEYS[13] limits hash      P:{Q}:limits (its due:<level> field, see limits.lua)
+    KEYS[11] results hash     P:{Q}:results
+    KEYS[12] limits hash      P:{Q}:limits (its due:<level> field, see limits.lua)
 
     ARGV[1] now_ms (0 = server clock)
     ARGV[2] limit: most leases reaped, and most delayed tasks promoted
@@ -43,7 +42,6 @@ local requeued, failed = {}, {}
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', bq_fmt(now), 'LIMIT', 0, limit)
 for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[2], id)
-  redis.call('SREM', KEYS[11], id)
   local attempts = tonumber(redis.call('HGET', KEYS[7], id)) or 0
   local _, retries = bq_parse_lease(redis.call('HGET', KEYS[9], id))
   retries = retries or -1
@@ -60,17 +58,17 @@ if #failed > 0 then
   redis.call('HINCRBY', KEYS[5], 'failed', #failed)
 end
 
-local promoted = bq_promote(3, 1, 8, 13, ARGV[4], now, limit)
+local promoted = bq_promote(3, 1, 8, 12, ARGV[4], now, limit)
 
 local cutoff = '(' .. bq_fmt(now - tonumber(ARGV[3]))
-if redis.call('HLEN', KEYS[12]) == 0 then
+if redis.call('HLEN', KEYS[11]) == 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', cutoff)
 else
   local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', cutoff, 'LIMIT', 0, BQ_TRIM)
   for i = 1, #old, 500 do
     local j = math.min(i + 499, #old)
     redis.call('ZREM', KEYS[4], unpack(old, i, j))
-    redis.call('HDEL', KEYS[12], unpack(old, i, j))
+    redis.call('HDEL', KEYS[11], unpack(old, i, j))
   end
 end
 return {requeued, failed, promoted}

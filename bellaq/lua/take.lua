@@ -3,7 +3,7 @@
   common.lua and limits.lua). Each take script documents its strategy; they
   all take these KEYS and ARGV and answer this output:
 
-  Input (N listed queues, each with 10 keys in this fixed stride, b = 10*(i-1)):
+  Input (N listed queues, each with 9 keys in this fixed stride, b = 9*(i-1)):
     KEYS[b+1]  waiting zset of queue i    P:{Q}:L:waiting
     KEYS[b+2]  leased zset of queue i     P:{Q}:L:leased
     KEYS[b+3]  delayed zset of queue i    P:{Q}:L:delayed
@@ -12,8 +12,7 @@
     KEYS[b+6]  scores hash                P:{Q}:scores
     KEYS[b+7]  leaseinfo hash             P:{Q}:leaseinfo
     KEYS[b+8]  costs hash                 P:{Q}:costs
-    KEYS[b+9]  inflight set               P:{Q}:inflight
-    KEYS[b+10] limits hash                P:{Q}:limits
+    KEYS[b+9]  limits hash                P:{Q}:limits
 
     ARGV[1] now_ms       explicit time in ms, or 0 for the server clock
     ARGV[2] lease_ms     lease length: the lease runs out at now + lease_ms...
@@ -27,8 +26,8 @@
   Before choosing, each listed (queue, level) whose delayed tasks may be due
   (the limits hash says so: one HMGET per queue name) gets up to BQ_PROMOTE
   of them back to waiting at their original scores. Each taken task is
-  admitted by its queue's limits (limits.lua), moves waiting -> leased, joins
-  the queue's inflight set, gets a lease record, and its attempts go up by 1.
+  admitted by its queue's limits (limits.lua), moves waiting -> leased, gets a
+  lease record (counted in flight), and its attempts go up by 1.
   A queue that a limit stops gives nothing more in this call.
 
   Output:
@@ -39,7 +38,7 @@
     earliest rate or pause limit that did may let a task through (-1 when only
     max_in_flight did); limited: the reasons, comma-separated ('' = none).
 ]]
-local BQ_STRIDE = 10
+local BQ_STRIDE = 9
 local BQ_PROMOTE = 100
 
 local now = bq_now_ms(ARGV[1])
@@ -57,7 +56,7 @@ local limiter, limiters = {}, {}
 do
   local groups, order = {}, {}
   for q = 1, nq do
-    local key = KEYS[(q - 1) * BQ_STRIDE + 10]
+    local key = KEYS[(q - 1) * BQ_STRIDE + 9]
     if not groups[key] then
       groups[key] = {first = q, members = {}, levels = {}}
       order[#order + 1] = groups[key]
@@ -67,8 +66,8 @@ do
     g.levels[#g.levels + 1] = ARGV[7 + q]
   end
   for _, g in ipairs(order) do
-    local k = (g.first - 1) * BQ_STRIDE + 10
-    local lim = bq_limiter(k, k - 1, now, g.levels)
+    local k = (g.first - 1) * BQ_STRIDE + 9
+    local lim = bq_limiter(k, k - 2, now, g.levels)
     limiters[#limiters + 1] = lim
     for j, q in ipairs(g.members) do
       limiter[q] = lim
@@ -104,7 +103,6 @@ local function bq_lease(q, id, charged)
   redis.call('ZADD', KEYS[b + 2], deadline, id)
   local attempts = redis.call('HINCRBY', KEYS[b + 5], id, 1)
   redis.call('HSET', KEYS[b + 7], id, bq_lease_record(bound, retries, charged, holder))
-  redis.call('SADD', KEYS[b + 9], id)
   local payload = redis.call('HGET', KEYS[b + 4], id)
   out[#out + 1] = q
   out[#out + 1] = id

@@ -3,10 +3,10 @@
   order, skipping queues that are empty or that their limits stop, until size
   tasks are taken or no queue gives any more.
 
-  Input (N listed queues, 10 keys each, b = 10*(i-1); details in take.lua):
-    KEYS[b+1..b+10] of queue i: waiting, leased, delayed (zsets P:{Q}:L:*),
-                    tasks, attempts, scores, leaseinfo, costs (hashes P:{Q}:*),
-                    inflight (set P:{Q}:inflight), limits (hash P:{Q}:limits)
+  Input (N listed queues, 9 keys each, b = 9*(i-1); details in take.lua):
+    KEYS[b+1..b+9]  of queue i: waiting, leased, delayed (zsets P:{Q}:L:*),
+                    tasks, attempts, scores, leaseinfo, costs, limits
+                    (hashes P:{Q}:*)
     ARGV[1..7]      now_ms, lease_ms, timeout_ms, max_retries, size, N, holder
     ARGV[7+i]       the level of listed queue i
 

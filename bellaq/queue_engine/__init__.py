@@ -41,8 +41,8 @@ of a queue, all levels included, lives in one Redis Cluster slot):
 - ``P:{Q}:scores``     hash task id -> original enqueue score
 - ``P:{Q}:costs``      hash task id -> estimated tokens (only tasks with a cost)
 - ``P:{Q}:leaseinfo``  hash task id -> ``"<bound_ms> <max_retries> <charged> <holder>"`` of its
-  current lease: hard bound, lease expiries it survives, tokens the take charged, holder
-- ``P:{Q}:inflight``   set of the queue's leased task ids, every level (``max_in_flight``)
+  current lease: hard bound, lease expiries it survives, tokens the take charged, holder. One
+  entry per leased task of the queue (every level), so its length is the exact in-flight count
 - ``P:{Q}:limits``     hash: ``rpm``, ``tpm``, ``max_in_flight``, ``burst_ms`` (set by
   ``set_limits``), ``paused_until``, bucket and AIMD state, one-minute window counters
   (every field in ``bellaq/lua/limits.lua``)
@@ -72,8 +72,8 @@ take script: ``rpm`` and ``tpm`` are token buckets holding ``burst_ms`` of their
 one request) and refilling continuously; a task needs one request and ``min(cost, capacity)``
 tokens and is charged its whole cost, which a complete or delay given ``tokens`` corrects to
 the real use (a task bigger than the bucket waits for a full one and leaves a debt, so the rate
-holds over time). ``max_in_flight`` counts the queue's leased tasks exactly (a set; delayed
-tasks are not leased). ``pause`` stops every take of the queue for a while; a pause never
+holds over time). ``max_in_flight`` counts the queue's leased tasks exactly (the length of
+``leaseinfo``; delayed tasks are not leased). ``pause`` stops every take of the queue for a while; a pause never
 shortens a longer one. A queue a limit stops gives nothing more in that take (a level behind
 cannot take what an earlier level waits for; other queues of the take go on), and
 ``TakeResult.retry_ms`` says when a rate or pause limit may let work through (None when only

@@ -46,18 +46,18 @@ _TASK_HASHES = ("tasks", "attempts", "scores", "leaseinfo", "costs")
 # The KEYS of each script, in order: "L:x" is key x of the queue level, "x" a key of the queue.
 _LAYOUT: dict[str, tuple[str, ...]] = {
     "enqueue": ("L:waiting", "L:leased", "L:delayed", "L:done", *_TASK_HASHES),
-    "take": ("L:waiting", "L:leased", "L:delayed", *_TASK_HASHES, "inflight", "limits"),
-    "complete": ("L:leased", "L:done", "L:counters", *_TASK_HASHES, "inflight", "limits", "results"),
-    "cancel": ("L:waiting", "L:leased", "L:delayed", "L:counters", *_TASK_HASHES, "inflight"),
-    "delay": ("L:leased", "L:delayed", "leaseinfo", "inflight", "limits"),
+    "take": ("L:waiting", "L:leased", "L:delayed", *_TASK_HASHES, "limits"),
+    "complete": ("L:leased", "L:done", "L:counters", *_TASK_HASHES, "limits", "results"),
+    "cancel": ("L:waiting", "L:leased", "L:delayed", "L:counters", *_TASK_HASHES),
+    "delay": ("L:leased", "L:delayed", "leaseinfo", "limits"),
     "extend": ("L:leased", "leaseinfo"),
     "requeue_expired": ("L:waiting", "L:leased", "L:delayed", "L:done", "L:counters", *_TASK_HASHES,
-                        "inflight", "results", "limits"),
+                        "results", "limits"),
     "clear": ("L:waiting", "L:delayed", "L:counters", *_TASK_HASHES),
     "stats": ("L:waiting", "L:leased", "L:delayed", "L:counters"),
     "set_limits": ("limits",),
-    "pause": ("limits", "inflight"),
-    "limit_stats": ("limits", "inflight"),
+    "pause": ("limits", "leaseinfo"),
+    "limit_stats": ("limits", "leaseinfo"),
 }
 
 
