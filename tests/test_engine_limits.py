@@ -286,14 +286,14 @@ def test_concurrent_takers_with_limits_never_duplicate_lose_or_overfill(engine: 
     limit, total = 20, 2000
     for level in (0, 1):
         fill_with_costs(engine, "q", level, [10] * (total // 2), tag=f"l{level}-")
-    engine.set_limits("q", rpm=10**7, tpm=10**8, max_in_flight=limit)
+    engine.set_limits("q", rpm=10**7, tpm=10**8, max_in_flight=limit)  # buckets far bigger than needed
     got: list[str] = []
     held, most = [0], [0]
     lock = threading.Lock()
 
     def worker(size: int) -> None:
         while True:
-            result = engine.take_with_hint(BOTH_LEVELS, size, strategy=strategy, holder=f"w{size}")
+            result = engine.take_with_hint(BOTH_LEVELS, size, strategy=strategy, holder=f"w{size}", now_ms=T0)
             with lock:
                 got.extend(t.task_id for t in result.tasks)
                 held[0] += len(result.tasks)  # counted after the take: never more than the engine counts
@@ -302,7 +302,8 @@ def test_concurrent_takers_with_limits_never_duplicate_lose_or_overfill(engine: 
             for t in result.tasks:
                 with lock:
                     held[0] -= 1  # released before the complete, for the same reason
-                assert engine.complete(t.queue, t.level, t.task_id, holder=f"w{size}", tokens=5) == "completed"
+                assert engine.complete(t.queue, t.level, t.task_id, holder=f"w{size}", tokens=5,
+                                       now_ms=T0) == "completed"
             if finished:
                 return
             if not result.tasks:
@@ -313,5 +314,5 @@ def test_concurrent_takers_with_limits_never_duplicate_lose_or_overfill(engine: 
     run_threads(worker, [7, 7, 7, 7, 1, 3, 16, 32])
     assert len(got) == len(set(got)) == total
     assert most[0] <= limit
-    stats = engine.limit_stats("q")  # the test runs well within one minute: one window
+    stats = engine.limit_stats("q", now_ms=T0)  # one clock for every call: one window
     assert (stats.in_flight, stats.window_requests, stats.window_tokens) == (0, total, 5 * total)
