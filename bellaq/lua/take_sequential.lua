@@ -1,50 +1,34 @@
 --[[
-  At most one leased task per listed queue: a queue with any leased task
-  (even one whose deadline has passed but that requeue_expired has not
-  reaped yet) gives nothing; any other queue gives at most one, its oldest.
-  Queues are visited in the listed order until size tasks are taken, so at
-  most N tasks are returned. Each taken task moves waiting -> leased as in
-  take_fifo.
+  At most one task of each listed queue at a time: a queue with any leased
+  task (even one whose lease has run out but that requeue_expired has not
+  reaped yet) or any delayed task gives nothing; any other queue gives at most
+  one, its oldest, if its limits allow. Queues are visited in the listed order
+  until size tasks are taken, so at most N tasks are returned. A delayed task
+  that comes due returns at its original score, so it runs before the queue's
+  later tasks.
 
-  Input (N listed queues, each with 5 keys in this fixed stride):
-    KEYS[5*(i-1)+1] waiting zset of queue i   P:{Q}:L:waiting
-    KEYS[5*(i-1)+2] leased zset of queue i    P:{Q}:L:leased
-    KEYS[5*(i-1)+3] tasks hash of queue i     P:{Q}:tasks
-    KEYS[5*(i-1)+4] attempts hash of queue i  P:{Q}:attempts
-    KEYS[5*(i-1)+5] retries hash of queue i   P:{Q}:retries
+  Input (N listed queues, 9 keys each, b = 9*(i-1); details in take.lua):
+    KEYS[b+1..b+9]  of queue i: waiting, leased, delayed (zsets P:{Q}:L:*),
+                    tasks, attempts, scores, leaseinfo, costs, limits
+                    (hashes P:{Q}:*)
+    ARGV[1..7]      now_ms, lease_ms, timeout_ms, max_retries, size, N, holder
+    ARGV[7+i]       the level of listed queue i
 
-    ARGV[1] now_ms       explicit time in ms, or 0 for the server clock
-    ARGV[2] timeout_ms   lease length: deadline = now + timeout_ms
-    ARGV[3] max_retries  stored per leased task (-1 = unlimited)
-    ARGV[4] size         most tasks to take (1..10000, checked by the caller)
-    ARGV[5] N            number of listed queues
-
-  Output:
-    flat array, 4 items per taken task, in the order they were chosen:
-    queue_index (1-based position in the list), task_id, payload, attempts
-    (attempts counts this take too).
+  Output (see take.lua):
+    retry_ms, limited, then queue_index, task_id, payload, attempts per
+    taken task
 ]]
 -- @include common.lua
-
-local now = bq_now_ms(ARGV[1])
-local deadline = bq_fmt(now + tonumber(ARGV[2]))
-local retries = ARGV[3]
-local size = tonumber(ARGV[4])
-local nq = tonumber(ARGV[5])
-local out = {}
-local taken = 0
+-- @include limits.lua
+-- @include take.lua
 
 for q = 1, nq do
   if taken >= size then
     break
   end
-  local base = (q - 1) * 5 + 1
-  if redis.call('ZCARD', KEYS[base + 1]) == 0 then
-    local r = redis.call('ZPOPMIN', KEYS[base])
-    if #r > 0 then
-      bq_lease(base, q, r[1], deadline, retries, out)
-      taken = taken + 1
-    end
+  local b = (q - 1) * BQ_STRIDE
+  if redis.call('ZCARD', KEYS[b + 2]) == 0 and redis.call('ZCARD', KEYS[b + 3]) == 0 then
+    bq_take_head(q, 1)
   end
 end
-return out
+return bq_take_result()
