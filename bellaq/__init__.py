@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     Celery side (``bellaq.wsgi``, the CLI, ``workers.celery_app``) pass ``workers.hooks.install``,
     which adds the listeners that hand work to Celery (see :class:`bellaq.services.Services`).
     """
+    from bellaq import metrics
     from bellaq.api import register_blueprints
     from bellaq.errors import register_error_handlers
     from bellaq.eventbus import EventBus
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     app.extensions["bellaq"] = svc
     app.extensions["bellaq.eventbus"] = EventBus(svc.redis, settings.redis_prefix, svc.instance_id)
     svc.on_task_end.append(publish_completions)
+    svc.on_task_end.append(metrics.tasks_ended)
     register_error_handlers(app)
     app.url_value_preprocessor(check_path_values)
     register_blueprints(app)

@@ -123,6 +123,7 @@ def serve(host: str, port: int | None, workers: int | None) -> None:
         "--worker-connections", "20000",
         "--timeout", "120",
         "--graceful-timeout", "30",
+        "--config", "python:bellaq.gunicorn_conf",
     ]
     os.execv(sys.executable, argv)
 

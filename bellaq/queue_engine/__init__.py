@@ -26,7 +26,8 @@ instants, are passed in, so hosts with skewed clocks agree; ``now_ms`` overrides
   leases that ran out, due delayed tasks, done trimming); ``requeue_all_expired(now_ms=None)``.
 - ``set_limits(queue, rpm=None, tpm=None, max_in_flight=None, burst_ms=1000)``;
   ``pause(queue, pause_ms, throttled=False) -> int`` (when the pause ends);
-  ``limit_stats(queue) -> LimitStats``; ``stats(queue, level) -> QueueStats``; ``known_queues()``.
+  ``limit_stats(queue) -> LimitStats``; ``stats(queue, level) -> QueueStats``; ``known_queues()``;
+  ``stats_all() -> dict[(queue, level), QueueStats]`` (every known level, two round trips).
 
 Keys (``P`` = prefix, ``Q`` = queue name, ``L`` = level; ``{Q}`` is a hash tag, so every key
 of a queue, all levels included, lives in one Redis Cluster slot):

@@ -90,10 +90,13 @@ class QueueEngine:
         if keys is None:
             if len(self._key_cache) >= KEY_CACHE_SIZE:
                 self._key_cache.clear()
-            keys = [self._qkey(queue, level, kind[2:]) if kind.startswith("L:") else self._hkey(queue, kind)
-                    for kind in _LAYOUT[layout]]
+            keys = self._build_keys(layout, queue, level)
             self._key_cache[(layout, queue, level)] = keys
         return keys
+
+    def _build_keys(self, layout: str, queue: str, level: int) -> list[str]:
+        return [self._qkey(queue, level, kind[2:]) if kind.startswith("L:") else self._hkey(queue, kind)
+                for kind in _LAYOUT[layout]]
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return self._scripts[name](keys=keys, args=args)
@@ -424,8 +427,16 @@ class QueueEngine:
 
     def stats(self, queue: str, level: int, now_ms: int | None = None) -> QueueStats:
         """Waiting, running, done, failed, cancelled, the oldest waiting task's age, delayed."""
-        *counts, due = (int(x) for x in self._run("stats", self._keys("stats", queue, level), [now_arg(now_ms)]))
-        return QueueStats(*counts, next_due_in_ms=None if due < 0 else due)
+        return _queue_stats(self._run("stats", self._keys("stats", queue, level), [now_arg(now_ms)]))
+
+    def stats_all(self, now_ms: int | None = None) -> dict[tuple[str, int], QueueStats]:
+        """:meth:`stats` of every known (queue, level), in two round trips however many there are:
+        the registry, then one pipeline of the stats script per level."""
+        known = self.known_queues()
+        # Keys built outside the cache: a scrape of many queues must not evict the hot paths' keys.
+        calls = [(self._build_keys("stats", queue, level), [now_arg(now_ms)]) for queue, level in known]
+        answers = self._run_pipelined("stats", calls) if calls else []
+        return {pair: _queue_stats(answer) for pair, answer in zip(known, answers, strict=True)}
 
     def known_queues(self) -> list[tuple[str, int]]:
         """Every (queue, level) ever enqueued to, sorted."""
@@ -449,3 +460,8 @@ class QueueEngine:
             if score is not None:
                 return kind
         return "absent"
+
+
+def _queue_stats(answer: Sequence[Any]) -> QueueStats:
+    *counts, due = (int(x) for x in answer)
+    return QueueStats(*counts, next_due_in_ms=None if due < 0 else due)
