@@ -104,6 +104,16 @@ def dev(port: int | None, host: str) -> None:
     run(port, host)
 
 
+@main.command("metrics-exporter")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=9464, show_default=True)
+def metrics_exporter(host: str, port: int) -> None:
+    """Serve this host's counts (PROMETHEUS_MULTIPROC_DIR) to Prometheus, on a host with no web process."""
+    from bellaq.metrics import serve_folder
+
+    serve_folder(host, port)
+
+
 @main.command("serve")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option("--port", type=int, default=None, help="Defaults to $PORT or 8080.")

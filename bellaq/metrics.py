@@ -113,6 +113,19 @@ def scrape() -> bytes:
     return generate_latest(registry)
 
 
+def serve_folder(host: str, port: int) -> None:
+    """Serve the counts of ``PROMETHEUS_MULTIPROC_DIR`` over HTTP until interrupted: for a host
+    whose processes are read by no web process (a worker-only host)."""
+    from prometheus_client import start_http_server
+
+    if not MULTIPROC_DIR:
+        raise SystemExit("PROMETHEUS_MULTIPROC_DIR is not set: there are no counts of other processes to serve")
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, MULTIPROC_DIR)
+    _server, thread = start_http_server(port, addr=host, registry=registry)
+    thread.join()
+
+
 class _ReadNow:
     """Gauges read from the queue engine and SQL at each scrape. A source that cannot be read
     leaves its gauges out and says so in ``bellaq_scrape_source_up``, so the counts still come."""

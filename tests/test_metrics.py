@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bellaq.services import services
+from scripts.benchlib import free_port
 from tests.batch_fixtures import CHAT, chat_line, create_batch, jsonl, until_status
 from tests.conftest import ADMIN_KEY, REDIS_URL, make_settings, running_app, wait_for
 from tests.receivers import Receiver
@@ -221,17 +223,21 @@ RECORD = textwrap.dedent("""
 """)
 
 
+def record_in_two_processes(folder: Path, queue: str) -> None:
+    """Two processes, one after the other, record 3 and 4 puts: their counts stay in ``folder``."""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(folder))
+    for n in (3, 4):
+        subprocess.run([sys.executable, "-c", RECORD, queue, str(n)], env=env, check=True, timeout=60)
+    assert len(list(folder.glob("counter_*.db"))) == 2
+
+
 def test_counts_of_many_processes_add_up_in_the_multiprocess_folder(tmp_path: Path, sqlite_app, monkeypatch):
     from bellaq import metrics
 
     client, admin = sqlite_app.test_client(), {"Authorization": f"Bearer {ADMIN_KEY}"}
 
-    folder = tmp_path / "prometheus"
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(folder))
-    queue = f"m-{uuid.uuid4().hex[:8]}"
-    for n in (3, 4):  # two processes, one after the other: their counts stay in the folder
-        subprocess.run([sys.executable, "-c", RECORD, queue, str(n)], env=env, check=True, timeout=60)
-    assert len(list(folder.glob("counter_*.db"))) == 2
+    folder, queue = tmp_path / "prometheus", f"m-{uuid.uuid4().hex[:8]}"
+    record_in_two_processes(folder, queue)
     monkeypatch.setattr(metrics, "MULTIPROC_DIR", str(folder))  # this app now serves that folder's counts
     samples = scrape(client, admin)
     labels = {"queue": queue, "level": "0"}
@@ -246,3 +252,25 @@ def test_counts_of_many_processes_add_up_in_the_multiprocess_folder(tmp_path: Pa
                  le="1.0") == 0
     assert value(samples, "bellaq_callback_deliveries_total", queue=queue, outcome="retrying") == 2
     assert value(samples, "bellaq_scrape_source_up", source="redis") == 1
+
+
+def test_the_exporter_serves_a_worker_hosts_counts(tmp_path: Path):
+    folder, queue = tmp_path / "prometheus", f"m-{uuid.uuid4().hex[:8]}"
+    record_in_two_processes(folder, queue)
+    port = free_port()
+    exporter = subprocess.Popen([sys.executable, "-m", "bellaq.cli", "metrics-exporter", "--port", str(port)],
+                                env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(folder)))
+    try:
+        def served() -> str | None:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except requests.ConnectionError:
+                assert exporter.poll() is None, "the exporter exited"
+                return None
+
+        samples = parse(wait_for(served, message="the exporter to answer"))
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=10)
+    assert value(samples, "bellaq_tasks_put_total", queue=queue, level="0") == 7
+    assert not any(name.startswith(("bellaq_queue_", "bellaq_batches")) for name, _ in samples)
