@@ -1,5 +1,6 @@
 """``bellaq dev`` is safe to leave running: it binds loopback, keeps its instance folder private,
-writes the admin key nowhere, and a SIGTERM or SIGHUP stops every process it started."""
+writes the admin key nowhere, and a SIGTERM or SIGHUP stops every process it started (and removes
+the metrics folder its processes shared)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REDIS_URL, wait_for
 
@@ -64,8 +66,18 @@ def test_bellaq_dev_is_private_and_stops_everything_on_a_signal(tmp_path: Path, 
 
         key = wait_for(admin_key, timeout=90, message="bellaq dev to print its admin key")
         assert f"base URL:   http://127.0.0.1:{port}/v1" in "".join(output)
-        assert requests.get(f"http://127.0.0.1:{port}/v1/keys", timeout=5,
-                            headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        headers = {"Authorization": f"Bearer {key}"}
+        assert requests.get(f"http://127.0.0.1:{port}/v1/keys", timeout=5, headers=headers).status_code == 200
+        # The Celery worker ends the task; the web's /metrics counts it through the shared folder.
+        put = requests.post(f"http://127.0.0.1:{port}/v1/queue/put", timeout=60, headers=headers, json={
+            "endpoint": "/v1/chat/completions", "response_mode": "blocking", "timeout": 50,
+            "data": {"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]}})
+        assert put.status_code == 200, put.text
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10, headers=headers)
+        ended = [s for f in text_string_to_metric_families(metrics.text) for s in f.samples
+                 if s.name == "bellaq_tasks_ended_total" and s.labels["status"] == "succeeded"]
+        assert sum(s.value for s in ended) == 1
+        assert (instance / "metrics").is_dir()
         children = psutil.Process(dev.pid).children(recursive=True)
         assert len(children) >= 4  # mock upstream, gunicorn (master and worker), Celery worker, beat
         assert listening_addresses(children, port) == {"127.0.0.1"}
@@ -78,6 +90,7 @@ def test_bellaq_dev_is_private_and_stops_everything_on_a_signal(tmp_path: Path, 
         assert dev.wait(timeout=60) is not None
         _gone, alive = psutil.wait_procs(children, timeout=30)
         assert alive == [], f"still running after {sig.name}: {[p.cmdline() for p in alive]}"
+        assert not (instance / "metrics").exists()
     finally:
         for proc in children:  # only if the test failed: leave nothing behind
             try:
