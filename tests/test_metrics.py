@@ -17,6 +17,7 @@ import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from bellaq.config import Settings
 from bellaq.services import services
 from scripts.benchlib import free_port
 from tests.batch_fixtures import CHAT, chat_line, create_batch, jsonl, until_status
@@ -71,7 +72,9 @@ def test_metrics_need_an_admin_key(client, admin, user, worker):
     assert value(scrape(client, admin), "bellaq_scrape_source_up", source="redis") == 1
 
 
-def test_public_metrics_need_no_key(settings):
+def test_public_metrics_need_no_key(settings, monkeypatch):
+    monkeypatch.setenv("BELLAQ_METRICS_PUBLIC", "true")
+    assert Settings.from_env().metrics_public
     with running_app(settings.replace(metrics_public=True)) as app:
         client = app.test_client()
         for headers in ({}, {"Authorization": "Bearer \x01garbage"}):
