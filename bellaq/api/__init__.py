@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def register_blueprints(app: Flask) -> None:
-    from bellaq.api import batches, dashboard, files, health, keys, queues, tasks
+    from bellaq.api import batches, dashboard, docs, files, health, keys, queues, tasks
 
-    for module in (health, keys, queues, tasks, files, batches, dashboard):
+    for module in (health, keys, queues, tasks, files, batches, dashboard, docs):
         app.register_blueprint(module.bp)
