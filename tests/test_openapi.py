@@ -19,6 +19,9 @@ def database_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'bellaq.db'}"
 
 
+ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+
+
 def operations(document: dict) -> set[tuple[str, str]]:
     return {(method.upper(), path) for path, item in document["paths"].items() for method in item
             if method != "parameters"}
@@ -52,8 +55,7 @@ def test_every_error_a_route_documents_is_the_envelope(client):
                 if int(status) < 400 or path == "/healthz":
                     continue
                 response = responses[response["$ref"].rsplit("/", 1)[1]] if "$ref" in response else response
-                assert response["content"] == {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}, \
-                    (method, path, status)
+                assert response["content"] == ERROR, (method, path, status)
 
 
 def test_the_document_needs_no_key_and_names_its_server(client):

@@ -87,8 +87,10 @@ def resubmit_batch(batch_id: str):
 
 
 @operation("Follow a batch live", tag="Batches", roles=("user",), responses={200: event_stream(
-    "One `data:` JSON object per change ({id, status, request_counts}), the first at once; the last is the whole "
-    "Batch in its final status, then the stream closes.")}, errors={404: "No batch with this id among the caller's."})
+    "One `data:` JSON object per change, the first at once; the last is the whole Batch in its final status, then the "
+    "stream closes.", {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": "#/components/schemas/BatchProgress"}, {"$ref": "#/components/schemas/Batch"}]}})},
+           errors={404: "No batch with this id among the caller's."})
 @bp.get("/<batch_id>/events")
 @require("user")
 def batch_events(batch_id: str):

@@ -66,25 +66,6 @@ TAGS = [
     {"name": "Keys", "description": "API keys and their roles"},
     {"name": "Pages", "description": "Health, the dashboard, and this documentation"},
 ]
-PAGE = {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}
-BYTES = {"description": "The bytes, streamed", "content": {
-    "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}}
-ASSET = {"description": "The file", "content": {
-    "text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}},
-    "image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}}
-# What a put answers with 200, by response_mode.
-PUT_ANSWER = {
-    "description": "callback: the task id. blocking: the upstream's answer (with its status code, so also 4xx "
-                   "and 5xx the upstream gave) and the header X-Bella-Task-Id. streaming: an event stream of the "
-                   "task's progress, then `data: [DONE]`.",
-    "headers": {"X-Bella-Task-Id": {"description": "blocking and streaming: the task's id",
-                                    "schema": {"type": "string"}}},
-    "content": {
-        "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/PutAccepted"},
-                                                  {"description": "blocking: the upstream's body"}]}},
-        "text/event-stream": {"schema": {"type": "string"}},
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -124,12 +105,44 @@ def operation(summary: str, *, tag: str, responses: Mapping[int, str | dict], ro
     return attach
 
 
-def event_stream(description: str) -> dict:
-    return {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+def sse_event(data: dict) -> dict:
+    """One server-sent event (the schema of ``text/event-stream`` describes each event, as Schemathesis
+    and OpenAPI 3.2's ``itemSchema`` read it); ``data`` describes its ``data:`` text."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"},
+        "data": {"type": "string", **data}}}
+
+
+def event_stream(description: str, data: dict) -> dict:
+    return {"description": description, "content": {"text/event-stream": {"schema": sse_event(data)}}}
 
 
 def json_content(schema: str | dict) -> dict:
     return {"application/json": {"schema": schema}}
+
+
+# Responses several routes share.
+PAGE = {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}
+BYTES = {"description": "The bytes, streamed", "content": {
+    "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}}
+ASSET = {"description": "The file", "content": {
+    "text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}},
+    "image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}}
+# What a put answers with 200, by response_mode.
+PUT_ANSWER = {
+    "description": "callback: the task id. blocking: the upstream's answer (with its status code, so also 4xx "
+                   "and 5xx the upstream gave) and the header X-Bella-Task-Id. streaming: an event stream of the "
+                   "task's progress, then `data: [DONE]`.",
+    "headers": {"X-Bella-Task-Id": {"description": "blocking and streaming: the task's id",
+                                    "schema": {"type": "string"}}},
+    "content": {
+        "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/PutAccepted"},
+                                                  {"description": "blocking: the upstream's body"}]}},
+        "text/event-stream": {"schema": sse_event({"description": "A progress event's data (for chat completions "
+                                                                 "an OpenAI chunk object), an error envelope if the "
+                                                                 "task failed, then [DONE]"})},
+    },
+}
 
 
 def openapi_path(rule: str) -> str:

@@ -190,8 +190,7 @@ SCHEMAS: dict[str, Schema] = {
         "output_file_id": nullable(STRING),
         "error_file_id": nullable(STRING),
         **{name: (SECONDS if name == "created_at" else nullable(SECONDS)) for name in _BATCH_TIMES},
-        "request_counts": closed("Lines in the batch, and how many ended so far.", {
-            "total": INTEGER, "completed": INTEGER, "failed": INTEGER}),
+        "request_counts": {"$ref": "#/components/schemas/RequestCounts"},
         "metadata": nullable({"type": "object", "additionalProperties": STRING}),
         "usage": {"type": "null"},
     }),
@@ -201,6 +200,11 @@ SCHEMAS: dict[str, Schema] = {
             "code": STRING, "message": STRING, "param": nullable(STRING), "line": nullable(INTEGER)})},
     }),
     "BatchList": list_of("Batch", "Batches, newest first."),
+    "BatchProgress": closed("A change of a running batch.", {
+        "id": STRING, "status": {"type": "string", "enum": [s.value for s in BatchStatus]},
+        "request_counts": {"$ref": "#/components/schemas/RequestCounts"}}),
+    "RequestCounts": closed("Lines in the batch, and how many ended so far.", {
+        "total": INTEGER, "completed": INTEGER, "failed": INTEGER}),
     # ------------------------------------------------------------------------------------ tasks
     "Put": {
         "type": "object", "required": ["endpoint", "data"],
