@@ -143,6 +143,15 @@ def test_swagger_ui_renders_every_operation_in_a_real_browser(live_server, clien
         wait_for(lambda: len(driver.find_elements("css selector", ".opblock")) == expected, timeout=30,
                  message=f"{expected} operations on the page")
         assert driver.find_element("css selector", ".info .title").text.startswith("bellaq")
+        # Try it out: the page calls the API of its own origin, which the policy allows.
+        health = driver.find_element("id", "operations-Pages-health_healthz")
+        health.find_element("css selector", ".opblock-summary").click()
+        wait_for(lambda: health.find_elements("css selector", ".try-out__btn"), message="Try it out")
+        health.find_element("css selector", ".try-out__btn").click()
+        health.find_element("css selector", ".execute").click()
+        answer = ".live-responses-table tbody .response-col_status"
+        status = wait_for(lambda: [e.text for e in health.find_elements("css selector", answer)], message="the answer")
+        assert status[0].startswith("200")
         driver.save_screenshot(str(tmp_path / "docs.png"))
         problems = [e["message"] for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
         assert problems == []
