@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request, send_from_directory
 
+from bellaq.api import dashboard
 from bellaq.api.openapi import ASSET, PAGE, build, operation
 from bellaq.errors import NotFound
 
@@ -25,10 +26,8 @@ OWN_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ASSETS = {"swagger-ui-bundle.js": SWAGGER_UI, "swagger-ui.css": SWAGGER_UI, "favicon-32x32.png": SWAGGER_UI,
           "docs.js": OWN_ASSETS, "docs.css": OWN_ASSETS}
 
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+# The dashboard's policy, but for data: images (Swagger UI's style sheet draws its icons with them).
+CONTENT_SECURITY_POLICY = dashboard.CONTENT_SECURITY_POLICY.replace("img-src 'self';", "img-src 'self' data:;")
 
 
 @operation("The OpenAPI document of every route", tag="Pages", dependencies=False, responses={200: {
@@ -60,8 +59,7 @@ def asset(filename: str) -> Response:
 
 @bp.after_request
 def _lock_down(response: Response) -> Response:
+    """The dashboard's headers, with this page's policy."""
+    dashboard._lock_down(response)
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers.setdefault("Cache-Control", "no-cache")
     return response
