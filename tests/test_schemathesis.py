@@ -129,7 +129,7 @@ def world(app, admin, make_key, celery_worker, mock_upstream) -> World:
         keys=keys,
         paths={"task_id": [answered.headers["X-Bella-Task-Id"]], "batch_id": [done["id"]],
                "file_id": [input_id, done["output_file_id"], done["error_file_id"]],
-               "name": ["chat", "chat:0", "chat:1"], "filename": ["docs.js", "dashboard.js"]},
+               "name": ["chat", "chat:0", "chat:12"], "filename": ["docs.js", "dashboard.js"]},
         cancellable={"task_id": [waiting, answered.headers["X-Bella-Task-Id"]],
                      "batch_id": [running["id"], done["id"]]},
         deletable={"file_id": [spare_file], "key_id": [spare_key]},

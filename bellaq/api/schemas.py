@@ -52,7 +52,7 @@ ENDPOINT: Schema = {
     "examples": ["/v1/chat/completions"],
 }
 QUEUE_NAME: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "examples": ["chat"]}
-FULL_QUEUE_NAME: Schema = {"type": "string", "pattern": f"^[A-Za-z0-9_-]{{1,64}}:[0-{MAX_LEVEL}]$",
+FULL_QUEUE_NAME: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}:[0-9]+$",
                            "description": "A queue and one of its levels, written name:level.",
                            "examples": ["chat:0"]}
 
@@ -162,6 +162,7 @@ SCHEMAS: dict[str, Schema] = {
     # ---------------------------------------------------------------------------------- batches
     "BatchCreate": {
         "type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
+        "examples": [{"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"}],
         "properties": {
             "input_file_id": {"type": "string", "description": "A file uploaded with purpose batch"},
             "endpoint": ENDPOINT,
@@ -208,6 +209,8 @@ SCHEMAS: dict[str, Schema] = {
     # ------------------------------------------------------------------------------------ tasks
     "Put": {
         "type": "object", "required": ["endpoint", "data"],
+        "examples": [{"endpoint": "/v1/chat/completions", "response_mode": "blocking", "data": {
+            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}}],
         "properties": {
             "endpoint": ENDPOINT,
             "data": {"type": "object", "description": "The request body for the endpoint",
@@ -233,6 +236,7 @@ SCHEMAS: dict[str, Schema] = {
     # ---------------------------------------------------------------------------------- workers
     "Take": {
         "type": "object", "required": ["queues"],
+        "examples": [{"queues": ["chat:0", "chat:1"], "size": 10, "strategy": "fifo", "process_timeout": 60}],
         "properties": {
             "queues": {"type": "array", "minItems": 1, "maxItems": 100, "items": FULL_QUEUE_NAME},
             "size": {"type": "integer", "minimum": 1, "maximum": MAX_TAKE, "default": 1},
@@ -249,6 +253,7 @@ SCHEMAS: dict[str, Schema] = {
                                                         if k != "callback_status"}),
     "Complete": {
         "type": "object", "required": ["status_code"],
+        "examples": [{"status_code": 200, "request_id": "req_123", "body": {"object": "chat.completion"}}],
         "properties": {"status_code": {"type": "integer", "minimum": 100, "maximum": 599},
                        "request_id": STRING, "body": ANY},
     },
@@ -272,6 +277,7 @@ SCHEMAS: dict[str, Schema] = {
     # ----------------------------------------------------------------------------------- queues
     "Register": {
         "type": "object", "required": ["queue"],
+        "examples": [{"queue": "chat", "endpoint": "/v1/chat/completions", "strategy": "fifo", "rpm": 600}],
         "properties": {
             **_QUEUE_FIELDS,
             "endpoint": {**ENDPOINT, "description": "Required when the queue is new"},
@@ -340,7 +346,8 @@ PATH_PARAMETERS: dict[str, tuple[str, Schema]] = {
     "batch_id": ("A batch id", STRING),
     "file_id": ("A file id", STRING),
     "key_id": ("A key id", STRING),
-    "name": ("A queue name; for stats and clear, name:level", STRING),
+    "name": ("A queue name; for stats and clear, name:level (level 0 if left out)",
+             {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}(:[0-9]+)?$", "examples": ["chat:0"]}),
     "filename": ("An asset of the page", STRING),
 }
 
