@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     from bellaq.validation import check_path_values
 
     settings = settings or Settings.from_env()
-    app = Flask(__name__, instance_path=str(settings.instance_dir.resolve()))
+    app = Flask(__name__, instance_path=str(settings.instance_dir.resolve()), static_folder=None)  # no /static route
     app.config.update(
         BELLAQ=settings,
         SQLALCHEMY_DATABASE_URI=settings.database_url,

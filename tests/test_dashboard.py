@@ -15,7 +15,7 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 
-from bellaq.batches import task_id_for
+from bellaq.batches.ids import task_id_for
 from tests.batch_fixtures import chat_line, create_batch, jsonl
 from tests.conftest import wait_for
 

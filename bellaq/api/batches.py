@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from bellaq.api.files import list_envelope
+from bellaq.api.openapi import event_stream, operation
 from bellaq.auth import current_principal, require
 from bellaq.batches import events, resubmit, service
 from bellaq.batches.service import QUEUE_HEADER
@@ -17,6 +18,11 @@ from bellaq.validation import int_arg, json_body
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
 
+@operation("Create a batch", tag="Batches", roles=("user",), body="BatchCreate",
+           parameters=("IdempotencyKey", "QueueHeader"), responses={200: "Batch"},
+           description="Answers at once with status validating; the file is validated and run in the background.",
+           errors={404: "No file with this input_file_id among the caller's.",
+                   409: "A request with this Idempotency-Key is still running."})
 @bp.post("")
 @require("user")
 def create():
@@ -30,6 +36,8 @@ def create():
     return idempotent("batches.create", principal.owner, services().settings.idempotency_ttl, make)
 
 
+@operation("List batches, newest first", tag="Batches", roles=("user",), parameters=("Limit", "After"),
+           responses={200: "BatchList"})
 @bp.get("")
 @require("user")
 def list_batches():
@@ -38,18 +46,31 @@ def list_batches():
     return jsonify(list_envelope([service.batch_object(b) for b in rows], has_more))
 
 
+@operation("Read a batch", tag="Batches", roles=("user",), responses={200: "Batch"},
+           errors={404: "No batch with this id among the caller's."})
 @bp.get("/<batch_id>")
 @require("user")
 def retrieve(batch_id: str):
     return jsonify(service.batch_object(service.owned(current_principal(), batch_id)))
 
 
+@operation("Cancel a batch: cancelling, then cancelled; finished results stay downloadable", tag="Batches",
+           roles=("user",), responses={200: "Batch"}, errors={
+               400: "The batch already ended.", 404: "No batch with this id among the caller's."})
 @bp.post("/<batch_id>/cancel")
 @require("user")
 def cancel(batch_id: str):
     return jsonify(service.batch_object(service.cancel(current_principal(), batch_id)))
 
 
+@operation("Run again what did not succeed, as a new batch", tag="Batches", roles=("user",),
+           body={"required": False, "content": {"application/json": {"schema": "BatchResubmit"}}},
+           parameters=("IdempotencyKey", "QueueHeader"), responses={200: "Batch"},
+           description="The new batch has the same endpoint, queue and window, and metadata.resubmit_of naming the "
+                       "original.",
+           errors={400: "The batch has not ended, or has no such lines.",
+                   404: "No batch with this id among the caller's.",
+                   409: "A request with this Idempotency-Key is still running."})
 @bp.post("/<batch_id>/resubmit")
 @require("user")
 def resubmit_batch(batch_id: str):
@@ -65,6 +86,11 @@ def resubmit_batch(batch_id: str):
                       make)
 
 
+@operation("Follow a batch live", tag="Batches", roles=("user",), responses={200: event_stream(
+    "One `data:` JSON object per change, the first at once; the last is the whole Batch in its final status, then the "
+    "stream closes.", {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": "#/components/schemas/BatchProgress"}, {"$ref": "#/components/schemas/Batch"}]}})},
+           errors={404: "No batch with this id among the caller's."})
 @bp.get("/<batch_id>/events")
 @require("user")
 def batch_events(batch_id: str):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, render_template, request
 
+from bellaq.api.openapi import PAGE, operation
+
 bp = Blueprint("dashboard", __name__, template_folder="../templates", static_folder="../assets",
                static_url_path="/dashboard/assets")
 
@@ -20,6 +22,8 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+@operation("The dashboard: queues, batches and tasks as the key entered sees them", tag="Pages",
+           dependencies=False, responses={200: PAGE})
 @bp.get("/dashboard")
 def page() -> str:
     return render_template("dashboard.html", api_root=request.script_root)

@@ -7,6 +7,7 @@ import re
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from bellaq import files
+from bellaq.api.openapi import BYTES, operation
 from bellaq.auth import current_principal, require
 from bellaq.errors import BadRequest
 from bellaq.idempotency import idempotent
@@ -36,6 +37,10 @@ def list_envelope(data: list[dict], has_more: bool) -> dict:
     }
 
 
+@operation("Upload a file", tag="Files", roles=("user",), parameters=("IdempotencyKey",), responses={200: "File"},
+           body={"required": True, "content": {"multipart/form-data": {"schema": "FileUpload"}}},
+           description="The upload is streamed to storage; at most BELLAQ_FILE_MAX_BYTES (413 above).",
+           errors={409: "A request with this Idempotency-Key is still running."})
 @bp.post("")
 @require("user")
 def create():
@@ -48,6 +53,8 @@ def create():
     return idempotent("files.create", principal.owner, services().settings.idempotency_ttl, make)
 
 
+@operation("List files", tag="Files", roles=("user",), parameters=("Purpose", "Limit", "After", "Order"),
+           responses={200: "FileList"})
 @bp.get("")
 @require("user")
 def list_files():
@@ -64,12 +71,16 @@ def list_files():
     return jsonify(list_envelope([r.to_dict() for r in rows], has_more))
 
 
+@operation("Read a file's object", tag="Files", roles=("user",), responses={200: "File"},
+           errors={404: "No file with this id among the caller's."})
 @bp.get("/<file_id>")
 @require("user")
 def retrieve(file_id: str):
     return jsonify(files.get(current_principal(), file_id).to_dict())
 
 
+@operation("Download a file's bytes", tag="Files", roles=("user",), responses={200: BYTES},
+           errors={404: "No file with this id among the caller's."})
 @bp.get("/<file_id>/content")
 @require("user")
 def content(file_id: str):
@@ -82,6 +93,8 @@ def content(file_id: str):
     return response
 
 
+@operation("Delete a file", tag="Files", roles=("user",), responses={200: "FileDeleted"},
+           errors={404: "No file with this id among the caller's."})
 @bp.delete("/<file_id>")
 @require("user")
 def delete(file_id: str):

@@ -5,12 +5,15 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 from sqlalchemy import text
 
+from bellaq.api.openapi import operation
 from bellaq.extensions import db
 from bellaq.services import services
 
 bp = Blueprint("health", __name__)
 
 
+@operation("Is this process able to reach Redis and SQL", tag="Pages", dependencies=False,
+           responses={200: "Health", 503: "Health"})
 @bp.get("/healthz")
 def healthz():
     checks: dict[str, str] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
+from bellaq.api.openapi import operation
 from bellaq.auth import require
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, NotFound
@@ -16,6 +17,7 @@ from bellaq.validation import choice_field, field, json_body
 bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
 
 
+@operation("Create a key (shown once)", tag="Keys", roles=("admin",), body="KeyCreate", responses={201: "KeyCreated"})
 @bp.post("")
 @require("admin")
 def create():
@@ -33,6 +35,7 @@ def create():
     return jsonify(out), 201
 
 
+@operation("List the keys", tag="Keys", roles=("admin",), responses={200: "KeyList"})
 @bp.get("")
 @require("admin")
 def list_keys():
@@ -43,6 +46,8 @@ def list_keys():
     return jsonify({"object": "list", "data": data})
 
 
+@operation("Delete a key: it answers 401 at once", tag="Keys", roles=("admin",), responses={200: "KeyDeleted"},
+           errors={404: "No key with this id."})
 @bp.delete("/<key_id>")
 @require("admin")
 def delete(key_id: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app
 
 from bellaq import metrics
+from bellaq.api.openapi import operation
 from bellaq.auth import require
 
 bp = Blueprint("metrics", __name__)
@@ -17,6 +18,9 @@ def _exposition() -> Response:
 _for_admins = require("admin")(_exposition)
 
 
+@operation("Prometheus metrics of this host's processes", tag="Pages", roles=("admin",),
+           description="No key is needed when BELLAQ_METRICS_PUBLIC=true.", responses={200: {
+               "description": "The Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 @bp.get("/metrics")
 def scrape() -> Response:
     if current_app.config["BELLAQ"].metrics_public:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from bellaq import stats as queue_stats
+from bellaq.api.openapi import operation
 from bellaq.auth import current_principal, require
 from bellaq.queues import check_queue_name, full_queue, get_queue, public_view, register
 from bellaq.validation import json_body
@@ -12,6 +13,8 @@ from bellaq.validation import json_body
 bp = Blueprint("queues", __name__)
 
 
+@operation("Register or update a queue", tag="Queues", roles=("admin",), body="Register", responses={200: "Queue"},
+           description="Registering an existing name updates it; fields left out keep their values.")
 @bp.post("/v1/queue/register")
 @require("admin")
 def register_queue():
@@ -19,12 +22,15 @@ def register_queue():
     return jsonify(row.to_dict())
 
 
+@operation("Read a queue's settings (without its upstream unless admin)", tag="Queues", roles=("user", "worker"),
+           responses={200: "Queue"}, errors={404: "No queue registered with this name."})
 @bp.get("/v1/queue/<name>/metadata")
 @require("user", "worker")
 def metadata(name: str):
     return jsonify(public_view(get_queue(check_queue_name(name)), current_principal()))
 
 
+@operation("Counts of one queue level", tag="Queues", roles=("user", "worker"), responses={200: "QueueStats"})
 @bp.get("/v1/queue/<name>/stats")
 @require("user", "worker")
 def stats(name: str):
@@ -32,6 +38,7 @@ def stats(name: str):
     return jsonify(queue_stats.one(queue, level))
 
 
+@operation("Counts of every queue level", tag="Queues", roles=("admin",), responses={200: "QueueStatsList"})
 @bp.get("/v1/console/queue/stats")
 @require("admin")
 def console_stats():
@@ -39,6 +46,8 @@ def console_stats():
     return jsonify({"object": "list", "data": data})
 
 
+@operation("Cancel every waiting task of a queue level (running ones go on)", tag="Queues", roles=("admin",),
+           responses={200: "Cleared"})
 @bp.post("/v1/console/<name>/clear")
 @require("admin")
 def clear(name: str):

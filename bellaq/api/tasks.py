@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from bellaq import online, tasks
+from bellaq.api.openapi import PUT_ANSWER, operation
 from bellaq.auth import current_principal, require
 from bellaq.errors import Unavailable
 from bellaq.eventbus import progress_event, topic
@@ -16,6 +17,14 @@ from bellaq.validation import choice_field, field, json_body
 bp = Blueprint("tasks", __name__, url_prefix="/v1/queue")
 
 
+@operation("Put a task", tag="Tasks", roles=("user",), body="Put", parameters=("IdempotencyKey",),
+           description="callback answers at once and POSTs the ended task to callback_url; blocking holds the "
+                       "request and answers with the upstream's status and body; streaming answers "
+                       "text/event-stream.",
+           responses={200: PUT_ANSWER}, errors={
+               408: "blocking: the task did not end within its timeout; it ends as timeout.",
+               409: "blocking: the task was cancelled; or a request with this Idempotency-Key is still running.",
+               429: "The owner has too many open tasks."})
 @bp.post("/put")
 @require("user")
 def put():
@@ -34,12 +43,17 @@ def put():
     return idempotent("queue.put", principal.owner, services().settings.idempotency_ttl, create)
 
 
+@operation("Read a task", tag="Tasks", roles=("user",), responses={200: "Task"},
+           errors={404: "No task with this id among the caller's."})
 @bp.get("/<task_id>")
 @require("user")
 def get(task_id: str):
     return jsonify(tasks.owned_task(current_principal(), task_id).to_dict())
 
 
+@operation("Cancel a task: a waiting one never runs, a running one's late result is dropped", tag="Tasks",
+           roles=("user",), responses={202: "TaskCancelled"},
+           errors={404: "No task with this id among the caller's.", 409: "The task already ended."})
 @bp.post("/<task_id>/cancel")
 @require("user")
 def cancel(task_id: str):
@@ -47,6 +61,8 @@ def cancel(task_id: str):
     return jsonify({"code": 202, "data": task.id}), 202
 
 
+@operation("Take tasks: each is leased to the taker for process_timeout seconds", tag="Workers",
+           roles=("worker",), body="Take", responses={200: "Taken"})
 @bp.post("/take")
 @require("worker")
 def take():
@@ -58,12 +74,19 @@ def take():
     return jsonify(out)
 
 
+@operation("Complete a task with the upstream's answer (idempotent)", tag="Workers", roles=("worker",),
+           body="Complete", responses={200: "Completed"}, errors={
+               404: "No task with this id.",
+               409: "Nobody holds the task's lease (cancelled, timed out), or another owner's worker does."})
 @bp.post("/<task_id>/complete")
 @require("worker")
 def complete(task_id: str):
     return jsonify(tasks.complete(task_id, json_body()))
 
 
+@operation("Send a progress event to the request holding a streaming task", tag="Workers", roles=("worker",),
+           body="Progress", responses={200: "ProgressSent"}, errors={
+               404: "No task with this id.", 409: "Another owner's worker holds the task."})
 @bp.post("/<task_id>/progress")
 @require("worker")
 def progress(task_id: str):
@@ -81,6 +104,8 @@ def progress(task_id: str):
     return jsonify({"task_id": task.id, "delivered": bool(task.instance_id)})
 
 
+@operation("Where to write progress and completion events", tag="Workers", roles=("worker",),
+           responses={200: "Eventbus"})
 @bp.get("/eventbus")
 @require("worker")
 def eventbus():
