@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Response, current_app, jsonify, stream_with_context
 
+from bellaq.errors import error_body
 from bellaq.eventbus import COMPLETION, PROGRESS, EventBus
 from bellaq.extensions import db
 from bellaq.keys import Principal
@@ -82,10 +83,8 @@ def _error_body(status: str, result: dict | None) -> tuple[int, dict]:
     if result is not None:
         return result.get("status_code", 500), result.get("body")
     if status == CANCELLED:
-        return 409, {"error": {"message": "The task was cancelled before it finished.",
-                               "type": "invalid_request_error", "param": None, "code": "task_cancelled"}}
-    return 500, {"error": {"message": f"The task ended as {status} without a result.",
-                           "type": "server_error", "param": None, "code": "no_result"}}
+        return 409, error_body("The task was cancelled before it finished.", code="task_cancelled")
+    return 500, error_body(f"The task ended as {status} without a result.", "server_error", code="no_result")
 
 
 def blocking(principal: Principal, body: dict[str, Any]) -> Response:

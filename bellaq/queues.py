@@ -10,7 +10,8 @@ from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, NotFound
 from bellaq.extensions import db
 from bellaq.keys import Principal
-from bellaq.models import Queue
+from bellaq.models import Queue, Task
+from bellaq.models.tasks import CANCELLED
 from bellaq.queue_engine import QUEUE_NAME_RE, STRATEGIES, parse_full_queue
 from bellaq.services import services
 from bellaq.upstream_rules import BUILTIN_ENDPOINTS, base_url_problem, endpoint_problem, key_env_problem
@@ -156,3 +157,14 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
         if row is None:
             raise
     return row
+
+
+def clear_waiting(queue: str, level: int) -> int:
+    """Cancel every waiting task of ``queue:level`` (running ones go on)."""
+    from bellaq.tasks import finish
+
+    ids = services().engine.clear(queue, level)
+    for start in range(0, len(ids), 1000):
+        tasks = db.session.execute(db.select(Task).where(Task.id.in_(ids[start:start + 1000]))).scalars().all()
+        finish(tasks, CANCELLED)
+    return len(ids)

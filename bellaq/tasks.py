@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq.clock import now_ms
-from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable
+from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
 from bellaq.extensions import db
 from bellaq.ids import new_id
 from bellaq.keys import Principal
@@ -70,7 +70,7 @@ def error_result(status_code: int, message: str, code: str, kind: str = "invalid
     return {
         "status_code": status_code,
         "request_id": "",
-        "body": {"error": {"message": message, "type": kind, "param": None, "code": code}},
+        "body": error_body(message, kind, code=code),
     }
 
 

@@ -52,6 +52,15 @@ def mysql_url() -> Iterator[str]:
         cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
     yield f"mysql+pymysql://root@{MYSQL_HOST}:3306/{name}?charset=utf8mb4"
     with conn.cursor() as cur:
+        # A connection a stopped worker thread left inside a transaction would hold a metadata
+        # lock that makes DROP wait forever: end every session still using the database first.
+        cur.execute("SELECT id FROM information_schema.processlist WHERE db = %s AND id <> CONNECTION_ID()",
+                    (name,))
+        for (session,) in cur.fetchall():
+            try:
+                cur.execute(f"KILL {int(session)}")
+            except pymysql.err.OperationalError:
+                pass  # it ended on its own meanwhile
         cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     conn.close()
 

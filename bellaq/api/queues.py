@@ -7,7 +7,7 @@ from flask import Blueprint, jsonify
 from bellaq import stats as queue_stats
 from bellaq.api.openapi import operation
 from bellaq.auth import current_principal, require
-from bellaq.queues import check_queue_name, full_queue, get_queue, public_view, register
+from bellaq.queues import check_queue_name, clear_waiting, full_queue, get_queue, public_view, register
 from bellaq.validation import json_body
 
 bp = Blueprint("queues", __name__)
@@ -35,14 +35,14 @@ def metadata(name: str):
 @require("user", "worker")
 def stats(name: str):
     queue, level = full_queue(name, param="queue")
-    return jsonify(queue_stats.one(queue, level))
+    return jsonify(queue_stats.level_counts(queue, level))
 
 
 @operation("Counts of every queue level", tag="Queues", roles=("admin",), responses={200: "QueueStatsList"})
 @bp.get("/v1/console/queue/stats")
 @require("admin")
 def console_stats():
-    data = queue_stats.every()
+    data = queue_stats.all_level_counts()
     return jsonify({"object": "list", "data": data})
 
 
@@ -52,5 +52,5 @@ def console_stats():
 @require("admin")
 def clear(name: str):
     queue, level = full_queue(name, param="queue")
-    cleared = queue_stats.clear(queue, level)
+    cleared = clear_waiting(queue, level)
     return jsonify({"queue": f"{queue}:{level}", "cleared": cleared})
