@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
+from bellaq import metrics
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
 from bellaq.extensions import db
@@ -96,8 +97,7 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
             raise BadRequest("response_mode 'callback' needs a callback_url to POST the finished task to.",
                              param="callback_url", code="missing_field")
         try:
-            check_callback_url(callback_url, settings.callback_allow_private,
-                               [s for s in settings.callback_allowlist.split(",") if s.strip()])
+            check_callback_url(callback_url, settings.callback_allow_private, settings.callback_allowlist)
         except UnsafeURL as err:
             raise BadRequest(str(err), param="callback_url", code="unsafe_callback_url") from None
     queue = resolve_queue(endpoint, data.get("model"), queue_name)
@@ -129,6 +129,7 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         db.session.execute(db.delete(Task).where(Task.id == task.id))
         db.session.commit()
         raise Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.") from None
+    metrics.tasks_put(queue.name, level)
     if queue.builtin:
         svc.work_ready(queue.name, level, 1)
     return task
@@ -303,6 +304,8 @@ def take(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo", p
 
 
 def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
+    taken = list(taken)
+    metrics.tasks_taken(taken)
     now = now_ms()
     out: list[dict[str, Any]] = []
     overdue: list[TakenTask] = []

@@ -97,6 +97,8 @@ def test_queue_gauges_follow_the_engine(app, client, admin, user, worker):
     assert value(samples, "bellaq_queue_leased", **labels) == 1
     assert value(samples, "bellaq_queue_delayed", **labels) == 1
     assert value(samples, "bellaq_queue_oldest_waiting_age_seconds", **labels) >= 0
+    assert value(samples, "bellaq_tasks_put_total", **labels) == 4
+    assert value(samples, "bellaq_tasks_taken_total", **labels) == 2
 
     client.post(f"/v1/queue/{ids[3]}/cancel", headers=user)
     samples = scrape(client, admin)
