@@ -66,6 +66,9 @@ class Settings:
     default_max_retries: int = 3
     worker_take_size: int = 32
     worker_concurrency: int = 0
+    worker_lease: float = 30.0
+    worker_lease_renew: float = 10.0
+    lost_completion_grace: float = 10.0
     idempotency_ttl: int = 24 * 3600
     eventbus_url: str = ""
     metrics_public: bool = False
@@ -106,6 +109,9 @@ class Settings:
             default_max_retries=_int("BELLAQ_PROCESS_MAX_RETRIES", 3),
             worker_take_size=_int("BELLAQ_WORKER_TAKE_SIZE", 32),
             worker_concurrency=_int("BELLAQ_WORKER_CONCURRENCY", 0),
+            worker_lease=_float("BELLAQ_WORKER_LEASE", 30.0),
+            worker_lease_renew=_float("BELLAQ_WORKER_LEASE_RENEW", 10.0),
+            lost_completion_grace=_float("BELLAQ_LOST_COMPLETION_GRACE", 10.0),
             idempotency_ttl=_int("BELLAQ_IDEMPOTENCY_TTL", 24 * 3600),
             eventbus_url=_env("BELLAQ_EVENTBUS_URL", ""),
             metrics_public=_bool("BELLAQ_METRICS_PUBLIC", False),

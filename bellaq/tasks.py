@@ -20,6 +20,7 @@ from bellaq import metrics
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
 from bellaq.extensions import db
+from bellaq.faults import fault_point
 from bellaq.ids import new_id
 from bellaq.keys import Principal
 from bellaq.models import Queue, Task
@@ -34,7 +35,7 @@ from bellaq.models.tasks import (
     TIMEOUT,
     WAITING,
 )
-from bellaq.queue_engine import STRATEGIES, TakenTask
+from bellaq.queue_engine import STRATEGIES, Completion, TakenTask
 from bellaq.queues import check_endpoint, full_queue, resolve_queue
 from bellaq.services import services
 from bellaq.urlguard import UnsafeURL, check_callback_url
@@ -215,8 +216,9 @@ def end_as_timeout(task: Task) -> bool:
     return bool(finish([task], TIMEOUT, result))
 
 
-def complete(task_id: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Record a worker's answer. Idempotent; refused (409) when nobody holds the task's lease."""
+def complete(task_id: str, body: dict[str, Any], holder: str | None = None) -> dict[str, Any]:
+    """Record a worker's answer. Idempotent; refused (409) when nobody holds the task's lease, or
+    ``holder`` (when given) does not."""
     status_code = int_field(body, "status_code", None, 100, 599)
     if status_code is None:
         raise BadRequest("Missing required field 'status_code' (an integer).", param="status_code",
@@ -224,19 +226,26 @@ def complete(task_id: str, body: dict[str, Any]) -> dict[str, Any]:
     request_id = field(body, "request_id", str, "")
     result = {"status_code": status_code, "request_id": request_id, "body": body.get("body")}
     task = find_task(task_id)
-    return complete_task(task, result)
+    return complete_task(task, result, holder)
 
 
-def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+def complete_task(task: Task, result: dict[str, Any], holder: str | None = None) -> dict[str, Any]:
+    """Complete one task; ``holder`` (when given) must be its lease's holder."""
     ok = 200 <= result["status_code"] < 300
-    outcome = services().engine.complete(task.queue, task.level, task.id, failed=not ok)
+    engine = services().engine
+    outcome = engine.complete(task.queue, task.level, task.id, failed=not ok, holder=holder,
+                              result=json.dumps(result))
     if outcome == "completed":
         finish([task], SUCCEEDED if ok else FAILED, result)
+        engine.forget_results(task.queue, [task.id])
         return {"task_id": task.id, "completed": True, "status": task.status}
     db.session.refresh(task)
     if outcome == "already":
         return {"task_id": task.id, "completed": False, "status": task.status,
                 "message": "The task was already completed; this complete changed nothing."}
+    if outcome == "wrong_holder":
+        raise Conflict(f"Task '{task.id}' is leased to another owner's worker.", param="task_id",
+                       code="wrong_holder")
     raise Conflict(
         f"Task '{task.id}' is not leased to anyone (status: {task.status}); its result was dropped.",
         param="task_id", code="not_leased",
@@ -251,27 +260,141 @@ def complete_many(results: dict[str, dict[str, Any]]) -> int:
         return 0
     rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
     oks = [200 <= results[t.id]["status_code"] < 300 for t in rows]
-    items = [(t.queue, t.level, t.id, not ok) for t, ok in zip(rows, oks, strict=True)]
+    items = [Completion(t.queue, t.level, t.id, not ok, json.dumps(results[t.id]))
+             for t, ok in zip(rows, oks, strict=True)]
     outcomes = services().engine.complete_many(items)
+    fault_point("after_engine_complete")
     by_status: dict[str, list[Task]] = defaultdict(list)
     for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
         if outcome == "completed":
             by_status[SUCCEEDED if ok else FAILED].append(task)
-    return sum(len(finish(group, status, results=results)) for status, group in by_status.items())
+    ended = sum(len(finish(group, status, results=results)) for status, group in by_status.items())
+    _forget_recorded([t for group in by_status.values() for t in group])
+    return ended
+
+
+def _forget_recorded(tasks: Sequence[Task]) -> None:
+    """Drop the engine's copy of results that are now in SQL."""
+    by_queue: dict[str, list[str]] = defaultdict(list)
+    for task in tasks:
+        by_queue[task.queue].append(task.id)
+    for queue, ids in by_queue.items():
+        services().engine.forget_results(queue, ids)
+
+
+def parse_extend(body: dict[str, Any]) -> int:
+    """The ``lease`` (seconds) of an extend request."""
+    return int_field(body, "lease", services().settings.default_process_timeout, 1, 7 * 86400)
+
+
+def lease_holder(principal: Principal) -> str | None:
+    """The holder an HTTP worker's leases are taken, completed and extended as: its owner (an
+    admin key skips the check)."""
+    return None if principal.role == "admin" else f"owner:{principal.owner}"
+
+
+def extend(task_id: str, lease_s: float, holder: str | None) -> dict[str, Any]:
+    """Renew a task's lease for ``lease_s`` seconds (never past its process_timeout); 409 when
+    nobody or another owner's worker holds it."""
+    task = find_task(task_id)
+    got = services().engine.extend(task.queue, task.level, [task.id], round(lease_s * 1000), holder)
+    if task.id in got.renewed:
+        return {"task_id": task.id, "lease_expires_at": got.renewed[task.id]}
+    if got.wrong_holder:
+        raise Conflict(f"Task '{task.id}' is leased to another owner's worker.", param="task_id",
+                       code="wrong_holder")
+    raise Conflict(f"Task '{task.id}' is not leased to anyone (status: {task.status}); its lease cannot be "
+                   "extended.", param="task_id", code="not_leased")
 
 
 def end_lost_completions(limit: int = 1000) -> int:
-    """End tasks whose complete reached the engine but never SQL (the completer was killed
-    between the two): still ``queued`` well past any lease, yet done in the engine."""
+    """Finish tasks whose complete reached the engine but never SQL (the completer was killed
+    between the two); returns how many were finished or put back to run again.
+
+    A result the engine recorded is written as the task's result: the completer would have
+    written the same one, and the guarded write lets only one of the two end the task. A task
+    done in the engine with nothing recorded (older than any lease) is put back to run again
+    when nobody can have received its answer (callback tasks, batch lines, blocking requests);
+    a streaming task, whose chunks were already sent, fails as ``worker_lost``.
+    """
+    return _finish_recorded(limit) + _rerun_unrecorded(limit)
+
+
+def _finish_recorded(limit: int) -> int:
+    svc = services()
+    engine = svc.engine
+    grace_ms = svc.settings.lost_completion_grace * 1000
+    cutoff = now_ms() - grace_ms
+    count = 0
+    for queue in {q for q, _ in engine.known_queues()}:
+        pending = engine.results_pending(queue)[:limit]
+        if not pending:
+            continue
+        rows = db.session.execute(db.select(Task).where(Task.id.in_(pending))).scalars().all()
+        settled = set(pending) - {t.id for t in rows}
+        open_by_level: dict[int, list[Task]] = defaultdict(list)
+        for task in rows:
+            if task.status in OPEN_STATUSES:
+                open_by_level[task.level].append(task)
+            else:
+                settled.add(task.id)
+        lost: list[Task] = []
+        for level, tasks in open_by_level.items():
+            since = engine.done_since(queue, level, [t.id for t in tasks])
+            lost += [t for t in tasks if t.id in since and since[t.id] <= cutoff]
+        if lost:
+            texts = engine.recorded_results(queue, [t.id for t in lost])
+            results = {t.id: json.loads(texts[t.id]) for t in lost if t.id in texts}
+            groups: dict[str, list[Task]] = defaultdict(list)
+            for task in lost:
+                if task.id in results:
+                    ok = 200 <= int(results[task.id].get("status_code", 0)) < 300
+                    groups[SUCCEEDED if ok else FAILED].append(task)
+            for status, group in groups.items():
+                count += len(finish(group, status, results=results))
+            settled.update(results)
+        if settled:
+            engine.forget_results(queue, sorted(settled))
+    return count
+
+
+def _rerun_unrecorded(limit: int) -> int:
     svc = services()
     cutoff = now_ms() - (svc.settings.default_process_timeout + 60) * 1000
     rows = db.session.execute(
         db.select(Task).where(Task.status == QUEUED, Task.running_time < cutoff).limit(limit)
     ).scalars().all()
     lost = [t for t in rows if svc.engine.is_known(t.queue, t.level, t.id) == "done"]
+    rerun: list[Task] = []
+    failed: list[Task] = []
+    for task in lost:
+        if task.response_mode == "streaming":
+            failed.append(task)
+        elif svc.engine.rerun(task.queue, task.level, task.id, task_payload(task), task.start_time * 1000,
+                              task.attempts):
+            rerun.append(task)
+    if rerun:
+        ids = [t.id for t in rerun]
+        db.session.execute(update(Task).where(Task.id.in_(ids), Task.status == QUEUED).values(status=WAITING))
+        db.session.commit()
+        for (queue, level), n in _count_by_level(rerun).items():
+            if _is_builtin(queue):
+                svc.work_ready(queue, level, n)
     result = error_result(502, "The worker that ran this request stopped before recording its answer.",
                           "worker_lost", "upstream_error")
-    return len(finish(lost, FAILED, result))
+    return len(rerun) + len(finish(failed, FAILED, result))
+
+
+def _count_by_level(tasks: Sequence[Task]) -> dict[tuple[str, int], int]:
+    counts: dict[tuple[str, int], int] = defaultdict(int)
+    for task in tasks:
+        counts[(task.queue, task.level)] += 1
+    return counts
+
+
+def _is_builtin(queue: str) -> bool:
+    row = db.session.get(Queue, queue)
+    return bool(row and row.builtin)
 
 
 # ---------------------------------------------------------------------------------------------- take
@@ -292,14 +415,18 @@ def parse_take(body: dict[str, Any]) -> dict[str, Any]:
         "strategy": choice_field(body, "strategy", STRATEGIES, "fifo"),
         "process_timeout": int_field(body, "process_timeout", settings.default_process_timeout, 1, 7 * 86400),
         "max_retries": int_field(body, "process_max_retries", settings.default_max_retries, -1, 1000),
+        "lease": int_field(body, "lease", None, 1, 7 * 86400),
     }
 
 
 def take(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo", process_timeout: float = 300,
-         max_retries: int = 3) -> list[dict[str, Any]]:
-    """Lease up to ``size`` tasks by ``strategy`` and mark them queued; returns task objects."""
+         max_retries: int = 3, lease: float | None = None, holder: str | None = None) -> list[dict[str, Any]]:
+    """Lease up to ``size`` tasks by ``strategy`` and mark them queued; returns task objects.
+    Each lease lasts ``lease`` seconds (default: ``process_timeout``), renewable by its
+    ``holder`` up to ``process_timeout`` after the take."""
     svc = services()
-    taken = svc.engine.take(queues, size, strategy, process_timeout, max_retries)
+    lease_ms = None if lease is None else max(1, round(min(lease, process_timeout) * 1000))
+    taken = svc.engine.take(queues, size, strategy, process_timeout, max_retries, lease_ms=lease_ms, holder=holder)
     return mark_taken(taken)
 
 

@@ -88,11 +88,14 @@ class World:
     paths: dict[str, list[Any]]  # path parameters, by name
     cancellable: dict[str, list[Any]]  # ... of the cancel routes: something still running first
     deletable: dict[str, list[Any]]  # ... of the DELETE routes: their own, so the others keep theirs
+    leased: dict[str, list[Any]]  # ... of the extend route: a task the worker key holds
     bodies: dict[str, list[Any]]  # body fields, by name
 
     def path_values(self, operation: Any) -> dict[str, list[Any]]:
         if operation.method == "delete":
             return self.deletable
+        if operation.path.endswith("/extend"):
+            return self.leased
         return self.cancellable if operation.path.endswith("/cancel") else self.paths
 
 
@@ -123,6 +126,9 @@ def world(app, admin, make_key, celery_worker, mock_upstream) -> World:
     answered = client.post("/v1/queue/put", headers=user, json={**put, "queue": "chat", "response_mode": "blocking"})
     assert answered.status_code == 200, answered.json
     waiting = client.post("/v1/queue/put", headers=user, json={**put, "queue": "ext"}).json["data"]
+    held = client.post("/v1/queue/put", headers=user, json={**put, "queue": "ext", "level": 2}).json["data"]
+    taken = client.post("/v1/queue/take", headers=auth(keys["worker"]), json={"queues": ["ext:2"]}).json
+    assert [t["task_id"] for t in taken["ext:2"]] == [held]
     with app.app_context():
         spare_key = create_key("spare", "user")[0].id
     return World(
@@ -133,6 +139,7 @@ def world(app, admin, make_key, celery_worker, mock_upstream) -> World:
         cancellable={"task_id": [waiting, answered.headers["X-Bella-Task-Id"]],
                      "batch_id": [running["id"], done["id"]]},
         deletable={"file_id": [spare_file], "key_id": [spare_key]},
+        leased={"task_id": [held]},
         bodies=bodies,
     )
 

@@ -26,6 +26,7 @@ from bellaq.eventbus import EventBus, progress_event
 from bellaq.extensions import db
 from bellaq.models import Queue
 from bellaq.services import Services, services
+from workers import leases
 from workers.celery_app import broker_prefix, celery, get_flask_app, level_queue
 from workers.upstream import UpstreamClient, UpstreamResult
 
@@ -123,7 +124,7 @@ def _take(config: dict, queue: str, level: int, size: int, svc: Services) -> lis
 
     def take(n: int) -> list[dict]:
         return task_service.take([(queue, level)], n, config["strategy"], svc.settings.default_process_timeout,
-                                 svc.settings.default_max_retries)
+                                 svc.settings.default_max_retries, svc.settings.worker_lease, leases.renewer().holder)
 
     limit = config.get("max_in_flight")
     if not limit:
@@ -202,6 +203,7 @@ class _Drain:
         self.finished: dict[str, dict] = {}  # non-online results, completed together
         self.taken = 0
         self.again_in: float | None = None  # re-announce after this many seconds
+        self.leased: list[str] = []  # renewed by this process's heartbeat until the run ends
 
     def refill(self, started: float) -> bool:
         """Take more work into free slots; False once nothing more should be taken."""
@@ -220,6 +222,8 @@ class _Drain:
         if self.config.get("rpm"):
             _count_rpm(self.queue, len(taken), self.svc)
         self.taken += len(taken)
+        leases.renewer().hold(taken)
+        self.leased += [task["task_id"] for task in taken]
         for task in taken:
             future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
             self.inflight[future] = task
@@ -277,4 +281,8 @@ def consume(queue: str, level: int) -> int:
     config = queue_config(queue)
     if config is None or not config["builtin"]:
         return 0
-    return _Drain(queue, level, config, svc).run()
+    drain = _Drain(queue, level, config, svc)
+    try:
+        return drain.run()
+    finally:
+        leases.renewer().release(drain.leased)

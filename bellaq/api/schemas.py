@@ -248,8 +248,22 @@ SCHEMAS: dict[str, Schema] = {
                                 "description": "Seconds the lease lasts"},
             "process_max_retries": {"type": "integer", "minimum": -1, "maximum": 1000,
                                     "description": "Leases that may run out before the task fails; -1: no limit"},
+            "lease": {"type": "integer", "minimum": 1, "maximum": 7 * 86400,
+                      "description": "Seconds each lease lasts unless extended (default and most: "
+                                     "process_timeout)"},
         },
     },
+    "Extend": {
+        "type": "object", "examples": [{"lease": 30}],
+        "properties": {"lease": {"type": "integer", "minimum": 1, "maximum": 7 * 86400,
+                                 "description": "Seconds from now the lease runs out (default: "
+                                                "BELLAQ_PROCESS_TIMEOUT); never past process_timeout "
+                                                "after the take"}},
+    },
+    "Extended": closed("The lease now in force.", {
+        "task_id": STRING,
+        "lease_expires_at": {"type": "integer", "description": "When the lease runs out, ms since the epoch"},
+    }),
     "Taken": {"type": "object", "description": "The tasks taken, by full queue name (every listed queue appears).",
               "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/TakenTask"}}},
     "TakenTask": closed("A task leased to the taker.", {k: v for k, v in _TASK_FIELDS.items()

@@ -61,13 +61,14 @@ def cancel(task_id: str):
     return jsonify({"code": 202, "data": task.id}), 202
 
 
-@operation("Take tasks: each is leased to the taker for process_timeout seconds", tag="Workers",
+@operation("Take tasks: each is leased to the taker for `lease` seconds (default process_timeout), "
+           "renewable with extend up to process_timeout", tag="Workers",
            roles=("worker",), body="Take", responses={200: "Taken"})
 @bp.post("/take")
 @require("worker")
 def take():
     args = tasks.parse_take(json_body())
-    taken = tasks.take(**args)
+    taken = tasks.take(**args, holder=tasks.lease_holder(current_principal()))
     out: dict[str, list] = {f"{q}:{lvl}": [] for q, lvl in args["queues"]}
     for task in taken:
         out[f"{task['queue']}:{task['level']}"].append(task)
@@ -81,7 +82,21 @@ def take():
 @bp.post("/<task_id>/complete")
 @require("worker")
 def complete(task_id: str):
-    return jsonify(tasks.complete(task_id, json_body()))
+    return jsonify(tasks.complete(task_id, json_body(), tasks.lease_holder(current_principal())))
+
+
+@operation("Extend a task's lease: it now runs out `lease` seconds from now (never past process_timeout "
+           "after the take)", tag="Workers", roles=("worker",), body="Extend", responses={200: "Extended"},
+           description="A worker that took with a short `lease` calls this while it works on the task (e.g. every "
+                       "third of the lease); a lease not extended runs out and the task goes back to the queue.",
+           errors={404: "No task with this id.",
+                   409: "Nobody holds the task's lease (completed, cancelled, reaped), or another owner's worker "
+                        "does."})
+@bp.post("/<task_id>/extend")
+@require("worker")
+def extend(task_id: str):
+    lease = tasks.parse_extend(json_body())
+    return jsonify(tasks.extend(task_id, lease, tasks.lease_holder(current_principal())))
 
 
 @operation("Send a progress event to the request holding a streaming task", tag="Workers", roles=("worker",),

@@ -13,13 +13,18 @@ instants, are passed in, so hosts with skewed clocks agree; ``now_ms`` overrides
 - ``take(queues, size, strategy, process_timeout, max_retries, now_ms, *, lease_ms, holder)
   -> list[TakenTask]``; ``take_with_hint(...)`` (same arguments) ``-> TakeResult`` adds
   ``retry_ms`` and ``limited`` when a limit held waiting work back.
-- ``extend(queue, level, task_ids, lease_ms, holder=None) -> Extended`` (one call for many).
+- ``extend(queue, level, task_ids, lease_ms, holder=None) -> Extended`` (one call for many);
+  ``extend_many({(queue, level): task_ids}, lease_ms, holder=None) -> {(queue, level): Extended}``
+  (a worker's heartbeat: every queue level it holds, one round trip).
 - ``delay(queue, level, task_id, delay_ms, holder=None, tokens=None) -> 'delayed' |
   'wrong_holder' | 'not_leased'``.
 - ``complete(queue, level, task_id, failed=False, now_ms=None, *, holder, result, tokens) ->
   'completed' | 'already' | 'wrong_holder' | 'not_leased'``; ``complete_many(items) -> list``
   of :class:`Completion` (or ``(queue, level, task_id, failed)`` tuples), one round trip.
-- ``recorded_results(queue, task_ids) -> dict``; ``forget_results(queue, task_ids) -> int``.
+- ``recorded_results(queue, task_ids) -> dict``; ``forget_results(queue, task_ids) -> int``;
+  ``results_pending(queue) -> ids`` (records not forgotten yet); ``done_since(queue, level,
+  task_ids) -> {id: ms}``; ``rerun(queue, level, task_id, payload, score, attempts) -> bool``
+  (a done task back to waiting, its record dropped: its answer reached nobody).
 - ``cancel(queue, level, task_id) -> 'waiting' | 'leased' | 'delayed' | 'absent'``;
   ``clear(queue, level) -> ids`` (waiting and delayed); ``is_known(queue, level, task_id)``.
 - ``requeue_expired(queue, level, now_ms=None, limit=1000) -> ExpiredLeases`` (the reaper:

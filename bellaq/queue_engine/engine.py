@@ -51,6 +51,7 @@ _LAYOUT: dict[str, tuple[str, ...]] = {
     "cancel": ("L:waiting", "L:leased", "L:delayed", "L:counters", *_TASK_HASHES),
     "delay": ("L:leased", "L:delayed", "leaseinfo", "limits"),
     "extend": ("L:leased", "leaseinfo"),
+    "rerun": ("L:waiting", "L:done", "tasks", "attempts", "scores", "results"),
     "requeue_expired": ("L:waiting", "L:leased", "L:delayed", "L:done", "L:counters", *_TASK_HASHES,
                         "results", "limits"),
     "clear": ("L:waiting", "L:delayed", "L:counters", *_TASK_HASHES),
@@ -277,6 +278,35 @@ class QueueEngine:
         return Extended({as_str(renewed[i]): int(renewed[i + 1]) for i in range(0, len(renewed), 2)},
                         [as_str(x) for x in not_leased], [as_str(x) for x in wrong])
 
+    def extend_many(
+        self,
+        held: Mapping[tuple[str, int], Sequence[str]],
+        lease_ms: int,
+        holder: str | None = None,
+        now_ms: int | None = None,
+    ) -> dict[tuple[str, int], Extended]:
+        """:meth:`extend` for the leases of many queue levels in one round trip (a worker's
+        heartbeat): ``held`` maps ``(queue, level)`` to task ids."""
+        calls: list[tuple[list[str], list[Any]]] = []
+        owners: list[tuple[str, int]] = []
+        lease = int_arg("lease_ms", lease_ms, 1)
+        for (queue, level), task_ids in held.items():
+            keys = self._keys("extend", queue, level)
+            ids = list(task_ids)
+            for task_id in ids:
+                check_task_id(task_id)
+            for start in range(0, len(ids), MAX_TAKE_SIZE):
+                calls.append((keys, [now_arg(now_ms), lease, holder_arg(holder), *ids[start:start + MAX_TAKE_SIZE]]))
+                owners.append((queue, level))
+        out: dict[tuple[str, int], Extended] = {}
+        for pair, (renewed, not_leased, wrong) in zip(owners, self._run_pipelined("extend", calls) if calls else [],
+                                                      strict=True):
+            got = out.setdefault(pair, Extended({}, [], []))
+            got.renewed.update({as_str(renewed[i]): int(renewed[i + 1]) for i in range(0, len(renewed), 2)})
+            got.not_leased += [as_str(x) for x in not_leased]
+            got.wrong_holder += [as_str(x) for x in wrong]
+        return out
+
     def delay(
         self,
         queue: str,
@@ -365,6 +395,12 @@ class QueueEngine:
         check_task_id(task_id)
         return as_str(self._run("cancel", keys, [task_id]))
 
+    def rerun(self, queue: str, level: int, task_id: str, payload: str, score: float, attempts: int = 0) -> bool:
+        """Put a task that is done in the engine back to waiting at ``score``, its recorded result
+        dropped; False (nothing changed) if it was not done."""
+        keys = self._keys("rerun", queue, level)
+        return bool(self._run("rerun", keys, self._item_args(task_id, payload, score, attempts, 0)[:4]))
+
     # -------------------------------------------------------------- results
     def recorded_results(self, queue: str, task_ids: Sequence[str]) -> dict[str, str]:
         """The results recorded by ``complete`` for ``task_ids`` (ids without one are left out)."""
@@ -376,6 +412,20 @@ class QueueEngine:
                 if value is not None:
                     found[task_id] = as_str(value)
         return found
+
+    def done_since(self, queue: str, level: int, task_ids: Sequence[str]) -> dict[str, int]:
+        """When (ms) each of ``task_ids`` entered the done set; ids not done are left out."""
+        check_queue(queue, level)
+        if not task_ids:
+            return {}
+        scores = self.redis.zmscore(self._qkey(queue, level, "done"), list(task_ids))
+        return {t: int(s) for t, s in zip(task_ids, scores, strict=True) if s is not None}
+
+    def results_pending(self, queue: str) -> list[str]:
+        """Ids whose recorded result has not been forgotten yet (normally: completes on their way
+        to SQL)."""
+        check_queue(queue)
+        return [as_str(x) for x in self.redis.hkeys(self._hkey(queue, "results"))]
 
     def forget_results(self, queue: str, task_ids: Sequence[str]) -> int:
         """Drop recorded results (once they are safe in SQL); returns how many there were."""

@@ -18,6 +18,7 @@ SCRIPTS = (
     "cancel",
     "delay",
     "extend",
+    "rerun",
     "requeue_expired",
     "clear",
     "stats",
