@@ -91,14 +91,16 @@ def test_cancel_under_load_keeps_finished_results(live_server, user, celery_work
 
 @pytest.mark.slow
 def test_a_killed_worker_does_not_lose_or_duplicate_lines(tmp_path, redis_prefix, database_url, mock_upstream):
-    """Two worker processes; one is killed with SIGKILL mid-batch. Its leases run out, the tasks
-    run again elsewhere, and the batch completes with every custom_id exactly once."""
+    """Two worker processes; one is killed with SIGKILL mid-batch. Its leases (3 s, renewed every
+    second while it lived) run out, the tasks run again elsewhere, and the batch completes with
+    every custom_id exactly once. process_timeout stays at its default: under load a request may
+    take seconds without its lease running out."""
     from tests.conftest import ADMIN_KEY
     from tests.stack import Stack
 
     mock_upstream.state.latency = 0.05
     stack = Stack(tmp_path, redis_prefix, database_url, mock_upstream.base_url,
-                  BELLAQ_PROCESS_TIMEOUT="3", BELLAQ_WORKER_TAKE_SIZE="4")
+                  BELLAQ_WORKER_LEASE="3", BELLAQ_WORKER_LEASE_RENEW="1", BELLAQ_WORKER_TAKE_SIZE="4")
     try:
         stack.start_web()
         victim = stack.start_worker(concurrency=16)
@@ -112,7 +114,7 @@ def test_a_killed_worker_does_not_lose_or_duplicate_lines(tmp_path, redis_prefix
         n = 400
         source = api.files.create(file=("k.jsonl", jsonl([chat_line(f"k{i}") for i in range(n)])), purpose="batch")
         created = api.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="24h")
-        wait_for(lambda: api.batches.retrieve(created.id).request_counts.completed >= 100, timeout=60)
+        wait_for(lambda: api.batches.retrieve(created.id).request_counts.completed >= 100, timeout=120)
         stack.kill(victim)
         batch = finished(api, created.id, timeout=120)
         assert batch.status == "completed", stack.logs()
