@@ -6,6 +6,14 @@ otherwise) reading the stream ``<topic><instance_id>``; a waiting request parks 
 keyed by its task id. An event is one stream entry with a field ``event`` holding the JSON
 object ``{"name", "from", "payload", "context"}``; entries written with those four keys as
 separate fields (``payload`` as JSON text) are read as well.
+
+The listener reads through the consumer group ``bellaq`` and acknowledges what it handled, so
+entries of a stream whose web process is gone are left for ``bellaq.event_completions.sweep``.
+Events bellaq writes carry a signature (field ``sig``) and are delivered as they are. Events a
+worker writes must prove the lease with ``payload.leaseToken`` (see ``bellaq.lease_tokens``): a
+progress event is then delivered; a completion is handed to ``on_completion``, which ends the
+task, and the held request hears of it from the signed completion that ending publishes.
+Anything else is dropped.
 """
 
 from __future__ import annotations
@@ -14,12 +22,12 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 
-from bellaq.clock import now_ms
+from bellaq.lease_tokens import BusSecret
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,7 @@ PROGRESS = "task-progress-event"
 COMPLETION = "task-completion-event"
 STREAM_TTL_S = 3600
 STREAM_MAXLEN = 100_000
+GROUP = "bellaq"
 
 
 def topic(prefix: str) -> str:
@@ -57,6 +66,21 @@ def parse_entry(fields: dict[str, str]) -> dict[str, Any] | None:
         return None
 
 
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    """The consumer group of ``stream`` (made with the stream if need be), from its first entry."""
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as err:
+        if "BUSYGROUP" not in str(err):
+            raise
+    client.expire(stream, STREAM_TTL_S)
+
+
+def lease_token_of(event: dict[str, Any]) -> Any:
+    payload = event.get("payload")
+    return payload.get("leaseToken") if isinstance(payload, dict) else None
+
+
 class EventBus:
     """Publishing to any instance's stream, and listening on this instance's own."""
 
@@ -68,13 +92,18 @@ class EventBus:
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        self.secret = BusSecret(client, prefix)
+        # Called with a worker's completion event whose lease token checked out.
+        self.on_completion: Callable[[dict[str, Any]], None] | None = None
 
     # ------------------------------------------------------------------ publishing
     def publish(self, instance_id: str, events: Iterable[dict[str, Any]]) -> None:
         stream = self.topic + instance_id
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
-            pipe.xadd(stream, {"event": json.dumps(event)}, maxlen=STREAM_MAXLEN, approximate=True)
+            text = json.dumps(event)
+            pipe.xadd(stream, {"event": text, "sig": self.secret.sign(text)}, maxlen=STREAM_MAXLEN,
+                      approximate=True)
         pipe.expire(stream, STREAM_TTL_S)
         pipe.execute()
 
@@ -106,24 +135,64 @@ class EventBus:
     def stop(self) -> None:
         self._stop.set()
 
+    def read(self, fields: dict[str, str]) -> tuple[dict[str, Any] | None, bool]:
+        """An entry's event and whether bellaq wrote it (a valid signature)."""
+        signature = fields.get("sig")
+        if signature is not None and "event" in fields and self.secret.signed(fields["event"], signature):
+            return parse_entry({"event": fields["event"]}), True
+        return parse_entry(fields), False
+
+    def dispatch(self, fields: dict[str, str]) -> None:
+        event, trusted = self.read(fields)
+        if not isinstance(event, dict) or not isinstance(event.get("payload"), dict):
+            return
+        task_id = event["payload"].get("taskId")
+        if not isinstance(task_id, str):
+            return
+        if not trusted:
+            if self.secret.token_attempt(task_id, lease_token_of(event)) is None:
+                log.warning("dropping an event for task %s without a valid lease token", task_id)
+                return
+            if event.get("name") == COMPLETION:
+                if self.on_completion is not None:
+                    self.on_completion(event)
+                return
+            if event.get("name") != PROGRESS:
+                return
+        waiter = self._waiters.get(task_id)
+        if waiter is not None:
+            waiter.put(event)
+
     def _listen(self) -> None:
         stream = self.topic + self.instance_id
-        last = f"{now_ms() - 1000}-0"
         client = self.redis
+        grouped = False
         while not self._stop.is_set():
             try:
-                batches = client.xread({stream: last}, count=500, block=1000)
+                if not grouped:
+                    ensure_group(client, stream)
+                    grouped = True
+                batches = client.xreadgroup(GROUP, self.instance_id, {stream: ">"}, count=500, block=1000)
+            except redis.ResponseError as err:
+                grouped = False  # NOGROUP: the stream expired or Redis lost it
+                log.warning("event bus read failed (%s); retrying", err)
+                self._stop.wait(0.2)
+                continue
             except redis.RedisError as err:
                 log.warning("event bus read failed (%s); retrying", err)
                 self._stop.wait(0.5)
                 continue
             for _stream, entries in batches or []:
+                handled = []
                 for entry_id, fields in entries:
-                    last = entry_id
-                    event = parse_entry(fields)
-                    if event is None:
-                        continue
-                    task_id = (event.get("payload") or {}).get("taskId")
-                    waiter = self._waiters.get(task_id)
-                    if waiter is not None:
-                        waiter.put(event)
+                    try:
+                        self.dispatch(fields)
+                        handled.append(entry_id)
+                    except Exception:
+                        # Left pending: the sweep claims it again.
+                        log.exception("event bus: handling an event failed")
+                try:
+                    if handled:
+                        client.xack(stream, GROUP, *handled)
+                except redis.RedisError as err:
+                    log.warning("event bus ack failed (%s)", err)

@@ -21,6 +21,7 @@ from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_bod
 from bellaq.extensions import db
 from bellaq.ids import new_id
 from bellaq.keys import Principal
+from bellaq.lease_tokens import BUILTIN_HOLDER
 from bellaq.models import Queue, Task
 from bellaq.models.tasks import (
     CANCELLED,
@@ -214,8 +215,9 @@ def end_as_timeout(task: Task) -> bool:
     return bool(finish([task], TIMEOUT, result))
 
 
-def complete(task_id: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Record a worker's answer. Idempotent; refused (409) when nobody holds the task's lease."""
+def complete(task_id: str, body: dict[str, Any], holder: str | None = None) -> dict[str, Any]:
+    """Record a worker's answer. Idempotent; refused (409) when nobody holds the task's lease, or
+    when ``holder`` is given and another holder does."""
     status_code = int_field(body, "status_code", None, 100, 599)
     if status_code is None:
         raise BadRequest("Missing required field 'status_code' (an integer).", param="status_code",
@@ -223,15 +225,18 @@ def complete(task_id: str, body: dict[str, Any]) -> dict[str, Any]:
     request_id = field(body, "request_id", str, "")
     result = {"status_code": status_code, "request_id": request_id, "body": body.get("body")}
     task = find_task(task_id)
-    return complete_task(task, result)
+    return complete_task(task, result, holder)
 
 
-def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+def complete_task(task: Task, result: dict[str, Any], holder: str | None = None) -> dict[str, Any]:
     ok = 200 <= result["status_code"] < 300
-    outcome = services().engine.complete(task.queue, task.level, task.id, failed=not ok)
+    outcome = services().engine.complete(task.queue, task.level, task.id, failed=not ok, holder=holder)
     if outcome == "completed":
         finish([task], SUCCEEDED if ok else FAILED, result)
         return {"task_id": task.id, "completed": True, "status": task.status}
+    if outcome == "wrong_holder":
+        raise Conflict(f"Task '{task.id}' is leased to a worker of another owner; it was left untouched.",
+                       param="task_id", code="leased_by_another_owner")
     db.session.refresh(task)
     if outcome == "already":
         return {"task_id": task.id, "completed": False, "status": task.status,
@@ -295,10 +300,11 @@ def parse_take(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def take(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo", process_timeout: float = 300,
-         max_retries: int = 3) -> list[dict[str, Any]]:
-    """Lease up to ``size`` tasks by ``strategy`` and mark them queued; returns task objects."""
+         max_retries: int = 3, holder: str = BUILTIN_HOLDER) -> list[dict[str, Any]]:
+    """Lease up to ``size`` tasks by ``strategy`` to ``holder`` (built-in workers unless named)
+    and mark them queued; returns task objects."""
     svc = services()
-    taken = svc.engine.take(queues, size, strategy, process_timeout, max_retries)
+    taken = svc.engine.take(queues, size, strategy, process_timeout, max_retries, holder=holder)
     return mark_taken(taken)
 
 

@@ -1,9 +1,11 @@
-"""Periodic work (run by beat): lease reaping, and checking that the engine still holds its data."""
+"""Periodic work (run by beat): lease reaping, checking that the engine still holds its data, and
+completions left on the event bus."""
 
 from __future__ import annotations
 
 import logging
 
+from bellaq import event_completions
 from bellaq import tasks as task_service
 from bellaq.extensions import db
 from bellaq.models import Queue
@@ -36,3 +38,9 @@ def check_engine() -> int:
             if waiting:
                 svc.work_ready(queue, level, waiting)
     return recovered
+
+
+@celery.task(name="bellaq.sweep_eventbus", ignore_result=True)
+def sweep_eventbus() -> int:
+    """End tasks whose completion event sits in a stream no web process reads any more."""
+    return event_completions.sweep()

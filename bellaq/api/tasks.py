@@ -7,10 +7,11 @@ from flask import Blueprint, jsonify
 from bellaq import online, tasks
 from bellaq.api.openapi import PUT_ANSWER, operation
 from bellaq.auth import current_principal, require
-from bellaq.errors import Unavailable
+from bellaq.errors import BadRequest, Conflict, Unavailable
 from bellaq.eventbus import progress_event, topic
 from bellaq.eventbus_access import EventbusUnavailable, worker_url
 from bellaq.idempotency import idempotent
+from bellaq.lease_tokens import holder_of
 from bellaq.services import services
 from bellaq.validation import choice_field, field, json_body
 
@@ -67,9 +68,11 @@ def cancel(task_id: str):
 @require("worker")
 def take():
     args = tasks.parse_take(json_body())
-    taken = tasks.take(**args)
+    taken = tasks.take(**args, holder=holder_of(current_principal().owner))
+    secret = online.bus().secret
     out: dict[str, list] = {f"{q}:{lvl}": [] for q, lvl in args["queues"]}
     for task in taken:
+        task["lease_token"] = secret.lease_token(task["task_id"], task["attempts"])
         out[f"{task['queue']}:{task['level']}"].append(task)
     return jsonify(out)
 
@@ -81,7 +84,7 @@ def take():
 @bp.post("/<task_id>/complete")
 @require("worker")
 def complete(task_id: str):
-    return jsonify(tasks.complete(task_id, json_body()))
+    return jsonify(tasks.complete(task_id, json_body(), holder_of(current_principal().owner)))
 
 
 @operation("Send a progress event to the request holding a streaming task", tag="Workers", roles=("worker",),
@@ -95,9 +98,10 @@ def progress(task_id: str):
     event_name = field(body, "event_name", str, "progress")
     task = tasks.find_task(task_id)
     if "event_data" not in body:
-        from bellaq.errors import BadRequest
-
         raise BadRequest("Missing required field 'event_data'.", param="event_data", code="missing_field")
+    if services().engine.lease_holder(task.queue, task.id) not in (None, "", holder_of(current_principal().owner)):
+        raise Conflict(f"Task '{task.id}' is leased to a worker of another owner; nothing was sent.",
+                       param="task_id", code="leased_by_another_owner")
     if task.instance_id:
         online.bus().publish(task.instance_id, [progress_event(task.id, str(event_id), event_name,
                                                                body["event_data"])])
