@@ -10,8 +10,6 @@ handle it, the engine's arbitration ends the task once.
 from __future__ import annotations
 
 import logging
-import re
-import time
 from typing import Any
 
 import redis
@@ -19,6 +17,7 @@ from flask import Flask, current_app
 
 from bellaq.errors import ApiError
 from bellaq.eventbus import COMPLETION, GROUP, STREAM_TTL_S, EventBus, lease_token_of
+from bellaq.eventbus_access import glob_escape
 from bellaq.extensions import db
 from bellaq.models import Task
 from bellaq.tasks import complete_task
@@ -84,10 +83,6 @@ def completer(app: Flask, bus: EventBus):
     return on_completion
 
 
-def _entry_ms(entry_id: str) -> int:
-    return int(entry_id.split("-", 1)[0])
-
-
 def _handle(bus: EventBus, client: redis.Redis, stream: str, entries: list) -> int:
     ended = 0
     handled = []
@@ -104,23 +99,25 @@ def _handle(bus: EventBus, client: redis.Redis, stream: str, entries: list) -> i
     return ended
 
 
+def _attended(client: redis.Redis, stream: str) -> bool:
+    """Whether a web process is reading the stream (its listener asks at least every second)."""
+    return any(c["name"] != SWEEPER and c["idle"] < IDLE_MS for c in client.xinfo_consumers(stream, GROUP))
+
+
 def sweep(limit: int = 500) -> int:
-    """Handle completions left in streams whose reader is gone or stalled; returns tasks ended."""
+    """Handle the completions in streams no web process reads (the web process is gone, or the
+    task has no instance: a callback task's worker writes to ``<topic>`` itself), and entries a
+    reader took but never acknowledged. Returns the tasks ended."""
     bus: EventBus = current_app.extensions["bellaq.eventbus"]
     client = bus.redis
     ended = 0
-    now = int(time.time() * 1000)
-    match = re.sub(r"([*?\[\]\\])", r"\\\1", bus.topic) + "*"
+    match = glob_escape(bus.topic) + "*"
     for stream in client.scan_iter(match=match, count=500, _type="stream"):
-        group = next((g for g in client.xinfo_groups(stream) if g["name"] == GROUP), None)
-        if group is None:  # written to by workers, never read
+        if not any(g["name"] == GROUP for g in client.xinfo_groups(stream)):
             client.xgroup_create(stream, GROUP, id="0")
-        else:
-            _next, claimed, *_ = client.xautoclaim(stream, GROUP, SWEEPER, IDLE_MS, start_id="0-0", count=limit)
-            ended += _handle(bus, client, stream, claimed)
-        last = group["last-delivered-id"] if group else "0-0"
-        first = client.xrange(stream, min=f"({last}", max="+", count=1)
-        if first and _entry_ms(first[0][0]) < now - IDLE_MS:
+        _next, claimed, *_ = client.xautoclaim(stream, GROUP, SWEEPER, IDLE_MS, start_id="0-0", count=limit)
+        ended += _handle(bus, client, stream, claimed)
+        if not _attended(client, stream):
             for _stream, entries in client.xreadgroup(GROUP, SWEEPER, {stream: ">"}, count=limit) or []:
                 ended += _handle(bus, client, stream, entries)
         if client.ttl(stream) == -1:
