@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     Celery side (``bellaq.wsgi``, the CLI, ``workers.celery_app``) pass ``workers.hooks.install``,
     which adds the listeners that hand work to Celery (see :class:`bellaq.services.Services`).
     """
-    from bellaq import metrics
+    from bellaq import metrics, open_tasks
     from bellaq.api import register_blueprints
     from bellaq.errors import register_error_handlers
     from bellaq.event_completions import completer
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     bus.on_completion = completer(app, bus)
     svc.on_task_end.append(publish_completions)
     svc.on_task_end.append(metrics.tasks_ended)
+    svc.on_task_end.append(open_tasks.tasks_ended)
     register_error_handlers(app)
     app.url_value_preprocessor(check_path_values)
     register_blueprints(app)

@@ -67,6 +67,7 @@ class Settings:
     worker_take_size: int = 32
     worker_concurrency: int = 0
     idempotency_ttl: int = 24 * 3600
+    max_open_tasks_per_owner: int = 100_000
     eventbus_url: str = ""
     metrics_public: bool = False
     port: int = 8080
@@ -107,6 +108,7 @@ class Settings:
             worker_take_size=_int("BELLAQ_WORKER_TAKE_SIZE", 32),
             worker_concurrency=_int("BELLAQ_WORKER_CONCURRENCY", 0),
             idempotency_ttl=_int("BELLAQ_IDEMPOTENCY_TTL", 24 * 3600),
+            max_open_tasks_per_owner=_int("BELLAQ_MAX_OPEN_TASKS_PER_OWNER", 100_000),
             eventbus_url=_env("BELLAQ_EVENTBUS_URL", ""),
             metrics_public=_bool("BELLAQ_METRICS_PUBLIC", False),
             port=_int("PORT", 8080),

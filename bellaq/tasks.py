@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
+from bellaq import open_tasks
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
 from bellaq.extensions import db
@@ -121,6 +122,7 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         attempts=0,
     )
     payload = task_payload(task)  # before the commit, which would make reading the task a query
+    open_tasks.admit(principal.owner)
     db.session.add(task)
     db.session.commit()
     try:
