@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS = "task-progress-event"
 COMPLETION = "task-completion-event"
+WATCH = "bellaq-watch-event"
+MAX_FORWARDS = 10_000
 STREAM_TTL_S = 3600
 STREAM_MAXLEN = 100_000
 GROUP = "bellaq"
@@ -51,6 +53,11 @@ def progress_event(task_id: str, event_id: str, event_name: str, event_data: Any
 def completion_event(task_id: str, result: dict[str, Any] | None, status: str) -> dict[str, Any]:
     return {"name": COMPLETION, "from": "", "context": "",
             "payload": {"taskId": task_id, "result": result, "status": status}}
+
+
+def watch_event(task_id: str, instance_id: str) -> dict[str, Any]:
+    """Asks the instance holding a task to forward its events to ``instance_id`` too."""
+    return {"name": WATCH, "from": "", "context": "", "payload": {"taskId": task_id, "instanceId": instance_id}}
 
 
 def parse_entry(fields: dict[str, str]) -> dict[str, Any] | None:
@@ -88,7 +95,10 @@ class EventBus:
         self.redis = client
         self.topic = topic(prefix)
         self.instance_id = instance_id
-        self._waiters: dict[str, queue.Queue] = {}
+        self._waiters: dict[str, list[queue.Queue]] = {}
+        # Instances a retried request attached to a task from (see ``watch_event``): this
+        # process forwards the task's events there.
+        self._forwards: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
@@ -113,12 +123,16 @@ class EventBus:
         self._ensure_listener()
         waiter: queue.Queue = queue.Queue()
         with self._lock:
-            self._waiters[task_id] = waiter
+            self._waiters.setdefault(task_id, []).append(waiter)
         return waiter
 
-    def unregister(self, task_id: str) -> None:
+    def unregister(self, task_id: str, waiter: queue.Queue) -> None:
         with self._lock:
-            self._waiters.pop(task_id, None)
+            waiters = self._waiters.get(task_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(task_id, None)
 
     def waiting(self) -> int:
         return len(self._waiters)
@@ -159,9 +173,17 @@ class EventBus:
                 return
             if event.get("name") != PROGRESS:
                 return
-        waiter = self._waiters.get(task_id)
-        if waiter is not None:
+        elif event.get("name") == WATCH:
+            instance = event["payload"].get("instanceId")
+            if isinstance(instance, str) and len(self._forwards) < MAX_FORWARDS:
+                self._forwards.setdefault(task_id, set()).add(instance)
+            return
+        for waiter in list(self._waiters.get(task_id, ())):
             waiter.put(event)
+        if task_id in self._forwards:
+            targets = self._forwards.pop(task_id) if event.get("name") == COMPLETION else self._forwards[task_id]
+            for instance in targets:
+                self.publish(instance, [event])
 
     def _listen(self) -> None:
         stream = self.topic + self.instance_id

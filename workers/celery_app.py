@@ -93,6 +93,8 @@ def beat_schedule() -> dict[str, dict]:
         "expire-batches": {"task": "bellaq.expire_batches", "schedule": 10.0, "options": {"queue": CONTROL_QUEUE}},
         "sweep-callbacks": {"task": "bellaq.sweep_callbacks", "schedule": 5.0, "options": {"queue": CONTROL_QUEUE}},
         "sweep-eventbus": {"task": "bellaq.sweep_eventbus", "schedule": 5.0, "options": {"queue": CONTROL_QUEUE}},
+        "purge-idempotency": {"task": "bellaq.purge_idempotency", "schedule": 300.0,
+                              "options": {"queue": CONTROL_QUEUE}},
     }
 
 

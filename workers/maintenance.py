@@ -1,11 +1,11 @@
-"""Periodic work (run by beat): lease reaping, checking that the engine still holds its data, and
-completions left on the event bus."""
+"""Periodic work (run by beat): lease reaping, checking that the engine still holds its data,
+completions left on the event bus, and expired Idempotency-Key records."""
 
 from __future__ import annotations
 
 import logging
 
-from bellaq import event_completions, open_tasks
+from bellaq import event_completions, idempotency, open_tasks
 from bellaq import tasks as task_service
 from bellaq.extensions import db
 from bellaq.models import Queue
@@ -45,3 +45,9 @@ def check_engine() -> int:
 def sweep_eventbus() -> int:
     """End tasks whose completion event sits in a stream no web process reads any more."""
     return event_completions.sweep()
+
+
+@celery.task(name="bellaq.purge_idempotency", ignore_result=True)
+def purge_idempotency() -> int:
+    """Delete Idempotency-Key records older than BELLAQ_IDEMPOTENCY_TTL."""
+    return idempotency.purge_expired(services().settings.idempotency_ttl)

@@ -10,7 +10,7 @@ from bellaq.auth import current_principal, require
 from bellaq.errors import BadRequest, Conflict, Unavailable
 from bellaq.eventbus import progress_event, topic
 from bellaq.eventbus_access import EventbusUnavailable, worker_url
-from bellaq.idempotency import idempotent
+from bellaq.idempotency import fingerprint, idempotent
 from bellaq.lease_tokens import holder_of
 from bellaq.services import services
 from bellaq.validation import choice_field, field, json_body
@@ -32,16 +32,15 @@ def put():
     principal = current_principal()
     body = json_body()
     mode = choice_field(body, "response_mode", ("callback", "blocking", "streaming"), "callback")
-    if mode == "blocking":
-        return online.blocking(principal, body)
-    if mode == "streaming":
-        return online.streaming(principal, body)
+    if mode != "callback":
+        return online.respond(principal, body, mode)
 
     def create() -> tuple[dict, int]:
         task = tasks.put(principal, body)
         return {"code": 200, "data": task.id}, 200
 
-    return idempotent("queue.put", principal.owner, services().settings.idempotency_ttl, create)
+    return idempotent(online.PUT_ROUTE, principal.owner, services().settings.idempotency_ttl, create,
+                      fingerprint(body))
 
 
 @operation("Read a task", tag="Tasks", roles=("user",), responses={200: "Task"},
