@@ -17,6 +17,7 @@ from bellaq.models import Task
 from tests.batch_fixtures import QUEUE, chat_line, create_batch, jsonl, until_status
 from tests.conftest import wait_for
 from tests.receivers import Receiver
+from tests.test_eventbus_access import redis62  # noqa: F401  (a fixture)
 
 CHAT = "/v1/chat/completions"
 
@@ -195,25 +196,39 @@ def test_the_token_of_an_expired_lease_ends_nothing(app, base, make_key):
     assert json.loads(task_row(app, task_id).result)["body"] == "current"
 
 
-def test_a_stream_whose_web_process_died_is_swept(app, base, make_key, settings, monkeypatch):
+@pytest.mark.parametrize("server", ["redis7", "redis6.2"])
+def test_a_stream_whose_web_process_died_is_swept(request, settings, admin, monkeypatch, server):
     """A web process read one completion and died before acknowledging it; a second arrived after."""
     from bellaq.eventbus import GROUP, ensure_group
+    from bellaq.keys import create_key
+    from tests.conftest import LiveServer, auth, running_app
 
+    if server == "redis6.2":
+        url = request.getfixturevalue("redis62")
+        settings = settings.replace(redis_url=url, broker_url=url)
     monkeypatch.setattr(event_completions, "IDLE_MS", 300)
-    user, worker = make_key("user"), Worker(base, make_key("worker"))
-    for _ in range(2):
-        put(base, user, callback_url="http://127.0.0.1:9/cb")
-    first, second = worker.take(), worker.take()
-    main = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    stream = worker.topic + "web-that-died"
-    ensure_group(main, stream)
-    worker.write("web-that-died", completion(first["task_id"], first["lease_token"], "first"))
-    assert main.xreadgroup(GROUP, "web-that-died", {stream: ">"}, count=10)  # read, never acknowledged
-    worker.write("web-that-died", completion(second["task_id"], second["lease_token"], "second"))
-    ended = []
-    wait_for(lambda: ended.append(sweep(app)) or sum(ended) == 2, message="the sweep to end both tasks")
-    assert [json.loads(task_row(app, t["task_id"]).result)["body"] for t in (first, second)] == ["first", "second"]
-    assert main.xpending(stream, GROUP)["pending"] == 0
+    with running_app(settings) as app, LiveServer(app) as live:
+        base = live.url
+        requests.post(f"{base}/v1/queue/register", headers=admin, timeout=10,
+                      json={"queue": "ext", "endpoint": CHAT, "builtin": False})
+        with app.app_context():
+            user, worker_key = (auth(create_key(role, role)[1]) for role in ("user", "worker"))
+        worker = Worker(base, worker_key)
+        for _ in range(2):
+            put(base, user, callback_url="http://127.0.0.1:9/cb")
+        first, second = worker.take(), worker.take()
+        main = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        assert main.info("server")["redis_version"].startswith(server[len("redis"):])
+        stream = worker.topic + "web-that-died"
+        ensure_group(main, stream)
+        worker.write("web-that-died", completion(first["task_id"], first["lease_token"], "first"))
+        assert main.xreadgroup(GROUP, "web-that-died", {stream: ">"}, count=10)  # read, never acknowledged
+        worker.write("web-that-died", completion(second["task_id"], second["lease_token"], "second"))
+        ended = []
+        wait_for(lambda: ended.append(sweep(app)) or sum(ended) == 2, message="the sweep to end both tasks")
+        bodies = [json.loads(task_row(app, t["task_id"]).result)["body"] for t in (first, second)]
+        assert bodies == ["first", "second"]
+        assert main.xpending(stream, GROUP)["pending"] == 0
 
 
 def test_a_lease_belongs_to_the_workers_of_its_owner(app, base, make_key):
