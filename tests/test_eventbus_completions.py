@@ -243,7 +243,14 @@ def test_a_lease_belongs_to_the_workers_of_its_owner(app, base, make_key):
                          json={"event_id": "1", "event_data": "x"})
     assert sent.status_code == 409 and sent.json()["error"]["code"] == "leased_by_another_owner"
     assert task_row(app, task_id).status == "queued"
+    sent = requests.post(f"{base}/v1/queue/{task_id}/progress", headers=fleet[1].headers, timeout=10,
+                         json={"event_id": "1", "event_data": "x"})
+    assert sent.status_code == 200
     assert fleet[1].complete(task_id, "same owner").json()["completed"] is True
+    # Once it has ended, nobody holds it: no more progress for it.
+    late = requests.post(f"{base}/v1/queue/{task_id}/progress", headers=fleet[0].headers, timeout=10,
+                         json={"event_id": "2", "event_data": "x"})
+    assert late.status_code == 409 and late.json()["error"]["code"] == "not_leased"
 
 
 def test_a_task_a_builtin_worker_holds_cannot_be_completed_over_http(app, base, make_key):

@@ -88,7 +88,8 @@ def complete(task_id: str):
 
 @operation("Send a progress event to the request holding a streaming task", tag="Workers", roles=("worker",),
            body="Progress", responses={200: "ProgressSent"}, errors={
-               404: "No task with this id.", 409: "Another owner's worker holds the task."})
+               404: "No task with this id.",
+               409: "Nobody holds the task's lease, or another owner's worker does."})
 @bp.post("/<task_id>/progress")
 @require("worker")
 def progress(task_id: str):
@@ -98,7 +99,11 @@ def progress(task_id: str):
     task = tasks.find_task(task_id)
     if "event_data" not in body:
         raise BadRequest("Missing required field 'event_data'.", param="event_data", code="missing_field")
-    if services().engine.lease_holder(task.queue, task.id) not in (None, "", holder_of(current_principal().owner)):
+    holder = services().engine.lease_holder(task.queue, task.id)
+    if holder is None:
+        raise Conflict(f"Task '{task.id}' is not leased to anyone (status: {task.status}); nothing was sent.",
+                       param="task_id", code="not_leased")
+    if holder != holder_of(current_principal().owner):
         raise Conflict(f"Task '{task.id}' is leased to a worker of another owner; nothing was sent.",
                        param="task_id", code="leased_by_another_owner")
     if task.instance_id:
