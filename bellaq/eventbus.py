@@ -137,6 +137,14 @@ class EventBus:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def waiters_of(self, task_id: str) -> int:
+        """Requests of this process waiting for the task."""
+        return len(self._waiters.get(task_id, ()))
+
+    def forwarding(self, task_id: str) -> set[str]:
+        """Instances this process forwards the task's events to."""
+        return set(self._forwards.get(task_id, ()))
+
     def _ensure_listener(self) -> None:
         if self._listener is not None and self._listener.is_alive():
             return

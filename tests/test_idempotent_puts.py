@@ -60,8 +60,7 @@ def test_a_retried_blocking_put_gets_the_first_tasks_answer(app, base, make_key)
         first = pool.submit(put, base, user, "k-1", response_mode="blocking")
         task = take(base, worker)
         retry = pool.submit(put, base, user, "k-1", response_mode="blocking")
-        wait_for(lambda: app.extensions["bellaq.eventbus"].waiting() and
-                 len(app.extensions["bellaq.eventbus"]._waiters.get(task["task_id"], [])) == 2,
+        wait_for(lambda: app.extensions["bellaq.eventbus"].waiters_of(task["task_id"]) == 2,
                  message="the retry to attach")
         send(base, worker, task["task_id"], "complete", {"status_code": 201, "body": {"answer": 42}})
         answers = [first.result(30), retry.result(30)]
@@ -97,9 +96,9 @@ def test_a_retry_that_lands_on_another_web_process_gets_the_stream(app, settings
         task = take(base, worker)
         retry = put(other.url, user, "k-x", stream=True, response_mode="streaming")
         other_bus = other_app.extensions["bellaq.eventbus"]
-        wait_for(lambda: task["task_id"] in app.extensions["bellaq.eventbus"]._forwards,
+        first_bus = app.extensions["bellaq.eventbus"]
+        wait_for(lambda: first_bus.forwarding(task["task_id"]) == {other_bus.instance_id},
                  message="the first web process to forward the task's events")
-        assert other_bus.instance_id in app.extensions["bellaq.eventbus"]._forwards[task["task_id"]]
         send(base, worker, task["task_id"], "progress", {"event_id": "1", "event_data": "chunk"})
         send(base, worker, task["task_id"], "complete", {"status_code": 200, "body": {}})
         assert list(data_lines(retry)) == ["chunk", "[DONE]"]
