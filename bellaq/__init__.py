@@ -20,9 +20,10 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     Celery side (``bellaq.wsgi``, the CLI, ``workers.celery_app``) pass ``workers.hooks.install``,
     which adds the listeners that hand work to Celery (see :class:`bellaq.services.Services`).
     """
-    from bellaq import metrics
+    from bellaq import metrics, open_tasks
     from bellaq.api import register_blueprints
     from bellaq.errors import register_error_handlers
+    from bellaq.event_completions import completer
     from bellaq.eventbus import EventBus
     from bellaq.extensions import db
     from bellaq.online import publish_completions
@@ -45,9 +46,11 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     db.init_app(app)
     svc = build_services(settings)
     app.extensions["bellaq"] = svc
-    app.extensions["bellaq.eventbus"] = EventBus(svc.redis, settings.redis_prefix, svc.instance_id)
+    bus = app.extensions["bellaq.eventbus"] = EventBus(svc.redis, settings.redis_prefix, svc.instance_id)
+    bus.on_completion = completer(app, bus)
     svc.on_task_end.append(publish_completions)
     svc.on_task_end.append(metrics.tasks_ended)
+    svc.on_task_end.append(open_tasks.tasks_ended)
     register_error_handlers(app)
     app.url_value_preprocessor(check_path_values)
     register_blueprints(app)

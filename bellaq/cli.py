@@ -66,12 +66,14 @@ def keys_create(role: str, name: str, owner: str | None, as_json: bool) -> None:
 
 @main.command("recover")
 def recover_cmd() -> None:
-    """Re-seed the queue engine from SQL after Redis lost its data."""
+    """Re-seed the queue engine (and the open task counts) from SQL after Redis lost its data."""
+    from bellaq.open_tasks import recount
     from bellaq.services import services
     from bellaq.tasks import recover
 
     with _app().app_context():
         click.echo(f"re-seeded {recover()} tasks")
+        recount()
         services().set_engine_marker()
 
 

@@ -70,6 +70,7 @@ class Settings:
     worker_lease_renew: float = 10.0
     lost_completion_grace: float = 10.0
     idempotency_ttl: int = 24 * 3600
+    max_open_tasks_per_owner: int = 100_000
     eventbus_url: str = ""
     metrics_public: bool = False
     port: int = 8080
@@ -113,6 +114,7 @@ class Settings:
             worker_lease_renew=_float("BELLAQ_WORKER_LEASE_RENEW", 10.0),
             lost_completion_grace=_float("BELLAQ_LOST_COMPLETION_GRACE", 10.0),
             idempotency_ttl=_int("BELLAQ_IDEMPOTENCY_TTL", 24 * 3600),
+            max_open_tasks_per_owner=_int("BELLAQ_MAX_OPEN_TASKS_PER_OWNER", 100_000),
             eventbus_url=_env("BELLAQ_EVENTBUS_URL", ""),
             metrics_public=_bool("BELLAQ_METRICS_PUBLIC", False),
             port=_int("PORT", 8080),

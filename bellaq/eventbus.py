@@ -6,6 +6,14 @@ otherwise) reading the stream ``<topic><instance_id>``; a waiting request parks 
 keyed by its task id. An event is one stream entry with a field ``event`` holding the JSON
 object ``{"name", "from", "payload", "context"}``; entries written with those four keys as
 separate fields (``payload`` as JSON text) are read as well.
+
+The listener reads through the consumer group ``bellaq`` and acknowledges what it handled, so
+entries of a stream whose web process is gone are left for ``bellaq.event_completions.sweep``.
+Events bellaq writes carry a signature (field ``sig``) and are delivered as they are. Events a
+worker writes must prove the lease with ``payload.leaseToken`` (see ``bellaq.lease_tokens``): a
+progress event is then delivered; a completion is handed to ``on_completion``, which ends the
+task, and the held request hears of it from the signed completion that ending publishes.
+Anything else is dropped.
 """
 
 from __future__ import annotations
@@ -14,19 +22,22 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 
-from bellaq.clock import now_ms
+from bellaq.lease_tokens import BusSecret
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "task-progress-event"
 COMPLETION = "task-completion-event"
+WATCH = "bellaq-watch-event"
+MAX_FORWARDS = 10_000
 STREAM_TTL_S = 3600
 STREAM_MAXLEN = 100_000
+GROUP = "bellaq"
 
 
 def topic(prefix: str) -> str:
@@ -44,6 +55,11 @@ def completion_event(task_id: str, result: dict[str, Any] | None, status: str) -
             "payload": {"taskId": task_id, "result": result, "status": status}}
 
 
+def watch_event(task_id: str, instance_id: str) -> dict[str, Any]:
+    """Asks the instance holding a task to forward its events to ``instance_id`` too."""
+    return {"name": WATCH, "from": "", "context": "", "payload": {"taskId": task_id, "instanceId": instance_id}}
+
+
 def parse_entry(fields: dict[str, str]) -> dict[str, Any] | None:
     try:
         if "event" in fields:
@@ -57,6 +73,21 @@ def parse_entry(fields: dict[str, str]) -> dict[str, Any] | None:
         return None
 
 
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    """The consumer group of ``stream`` (made with the stream if need be), from its first entry."""
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as err:
+        if "BUSYGROUP" not in str(err):
+            raise
+    client.expire(stream, STREAM_TTL_S)
+
+
+def lease_token_of(event: dict[str, Any]) -> Any:
+    payload = event.get("payload")
+    return payload.get("leaseToken") if isinstance(payload, dict) else None
+
+
 class EventBus:
     """Publishing to any instance's stream, and listening on this instance's own."""
 
@@ -64,17 +95,25 @@ class EventBus:
         self.redis = client
         self.topic = topic(prefix)
         self.instance_id = instance_id
-        self._waiters: dict[str, queue.Queue] = {}
+        self._waiters: dict[str, list[queue.Queue]] = {}
+        # Instances a retried request attached to a task from (see ``watch_event``): this
+        # process forwards the task's events there.
+        self._forwards: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        self.secret = BusSecret(client, prefix)
+        # Called with a worker's completion event whose lease token checked out.
+        self.on_completion: Callable[[dict[str, Any]], None] | None = None
 
     # ------------------------------------------------------------------ publishing
     def publish(self, instance_id: str, events: Iterable[dict[str, Any]]) -> None:
         stream = self.topic + instance_id
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
-            pipe.xadd(stream, {"event": json.dumps(event)}, maxlen=STREAM_MAXLEN, approximate=True)
+            text = json.dumps(event)
+            pipe.xadd(stream, {"event": text, "sig": self.secret.sign(text)}, maxlen=STREAM_MAXLEN,
+                      approximate=True)
         pipe.expire(stream, STREAM_TTL_S)
         pipe.execute()
 
@@ -84,15 +123,27 @@ class EventBus:
         self._ensure_listener()
         waiter: queue.Queue = queue.Queue()
         with self._lock:
-            self._waiters[task_id] = waiter
+            self._waiters.setdefault(task_id, []).append(waiter)
         return waiter
 
-    def unregister(self, task_id: str) -> None:
+    def unregister(self, task_id: str, waiter: queue.Queue) -> None:
         with self._lock:
-            self._waiters.pop(task_id, None)
+            waiters = self._waiters.get(task_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(task_id, None)
 
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def waiters_of(self, task_id: str) -> int:
+        """Requests of this process waiting for the task."""
+        return len(self._waiters.get(task_id, ()))
+
+    def forwarding(self, task_id: str) -> set[str]:
+        """Instances this process forwards the task's events to."""
+        return set(self._forwards.get(task_id, ()))
 
     def _ensure_listener(self) -> None:
         if self._listener is not None and self._listener.is_alive():
@@ -106,24 +157,72 @@ class EventBus:
     def stop(self) -> None:
         self._stop.set()
 
+    def read(self, fields: dict[str, str]) -> tuple[dict[str, Any] | None, bool]:
+        """An entry's event and whether bellaq wrote it (a valid signature)."""
+        signature = fields.get("sig")
+        if signature is not None and "event" in fields and self.secret.signed(fields["event"], signature):
+            return parse_entry({"event": fields["event"]}), True
+        return parse_entry(fields), False
+
+    def dispatch(self, fields: dict[str, str]) -> None:
+        event, trusted = self.read(fields)
+        if not isinstance(event, dict) or not isinstance(event.get("payload"), dict):
+            return
+        task_id = event["payload"].get("taskId")
+        if not isinstance(task_id, str):
+            return
+        if not trusted:
+            if self.secret.token_attempt(task_id, lease_token_of(event)) is None:
+                log.warning("dropping an event for task %s without a valid lease token", task_id)
+                return
+            if event.get("name") == COMPLETION:
+                if self.on_completion is not None:
+                    self.on_completion(event)
+                return
+            if event.get("name") != PROGRESS:
+                return
+        elif event.get("name") == WATCH:
+            instance = event["payload"].get("instanceId")
+            if isinstance(instance, str) and len(self._forwards) < MAX_FORWARDS:
+                self._forwards.setdefault(task_id, set()).add(instance)
+            return
+        for waiter in list(self._waiters.get(task_id, ())):
+            waiter.put(event)
+        if task_id in self._forwards:
+            targets = self._forwards.pop(task_id) if event.get("name") == COMPLETION else self._forwards[task_id]
+            for instance in targets:
+                self.publish(instance, [event])
+
     def _listen(self) -> None:
         stream = self.topic + self.instance_id
-        last = f"{now_ms() - 1000}-0"
         client = self.redis
+        grouped = False
         while not self._stop.is_set():
             try:
-                batches = client.xread({stream: last}, count=500, block=1000)
+                if not grouped:
+                    ensure_group(client, stream)
+                    grouped = True
+                batches = client.xreadgroup(GROUP, self.instance_id, {stream: ">"}, count=500, block=1000)
+            except redis.ResponseError as err:
+                grouped = False  # NOGROUP: the stream expired or Redis lost it
+                log.warning("event bus read failed (%s); retrying", err)
+                self._stop.wait(0.2)
+                continue
             except redis.RedisError as err:
                 log.warning("event bus read failed (%s); retrying", err)
                 self._stop.wait(0.5)
                 continue
             for _stream, entries in batches or []:
+                handled = []
                 for entry_id, fields in entries:
-                    last = entry_id
-                    event = parse_entry(fields)
-                    if event is None:
-                        continue
-                    task_id = (event.get("payload") or {}).get("taskId")
-                    waiter = self._waiters.get(task_id)
-                    if waiter is not None:
-                        waiter.put(event)
+                    try:
+                        self.dispatch(fields)
+                        handled.append(entry_id)
+                    except Exception:
+                        # Left pending: the sweep claims it again.
+                        log.exception("event bus: handling an event failed")
+                try:
+                    if handled:
+                        client.xack(stream, GROUP, *handled)
+                except redis.RedisError as err:
+                    log.warning("event bus ack failed (%s)", err)

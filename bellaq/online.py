@@ -12,16 +12,21 @@ from typing import Any
 from flask import Response, current_app, jsonify, stream_with_context
 
 from bellaq.errors import error_body
-from bellaq.eventbus import COMPLETION, PROGRESS, EventBus
+from bellaq.eventbus import COMPLETION, PROGRESS, EventBus, watch_event
 from bellaq.extensions import db
+from bellaq.idempotency import PENDING, fingerprint, header_key, in_progress, release, reserve
 from bellaq.keys import Principal
 from bellaq.models import Task
 from bellaq.models.tasks import CANCELLED, END_STATUSES
+from bellaq.services import services
 from bellaq.tasks import end_as_timeout, new_task_id, put
 
 # How often a held request also looks at SQL, in case an event was missed (with jitter, so
 # thousands of held requests do not look at once).
 RECHECK_S = 30.0
+# A retried put attached to a task another process holds looks at SQL this often.
+ATTACHED_RECHECK_S = 1.0
+PUT_ROUTE = "queue.put"
 
 
 def bus() -> EventBus:
@@ -38,7 +43,8 @@ def _final_of(task_id: str) -> dict[str, Any] | None:
     return {"taskId": task_id, "status": row.status, "result": json.loads(row.result) if row.result else None}
 
 
-def _events(task_id: str, timeout: int, waiter: queue.Queue) -> Iterator[dict[str, Any]]:
+def _events(task_id: str, timeout: float, waiter: queue.Queue, recheck_s: float = RECHECK_S
+            ) -> Iterator[dict[str, Any]]:
     """Every event of the task until its completion; a timeout ends the task as ``timeout``.
 
     Nothing here holds a SQL connection while waiting: thousands of requests may be held at once.
@@ -57,10 +63,10 @@ def _events(task_id: str, timeout: int, waiter: queue.Queue) -> Iterator[dict[st
             if final is not None:
                 yield {"name": COMPLETION, "payload": final}
                 return
-            deadline = time.monotonic() + RECHECK_S
+            deadline = time.monotonic() + recheck_s
             continue
         try:
-            event = waiter.get(timeout=min(remaining, RECHECK_S * random.uniform(0.5, 1.0)))
+            event = waiter.get(timeout=min(remaining, recheck_s * random.uniform(0.5, 1.0)))
         except queue.Empty:
             final = _final_of(task_id)
             if final is not None:
@@ -72,9 +78,15 @@ def _events(task_id: str, timeout: int, waiter: queue.Queue) -> Iterator[dict[st
             return
 
 
-def _put_and_release(principal: Principal, body: dict[str, Any], task_id: str) -> int:
-    """Accept the task, then hand the SQL connection back; returns the task's timeout."""
-    timeout = put(principal, body, task_id=task_id).timeout
+def _put_and_release(principal: Principal, body: dict[str, Any], task_id: str, record_id: int = 0) -> int:
+    """Accept the task, then hand the SQL connection back; returns the task's timeout. A failed
+    put frees the Idempotency-Key it reserved."""
+    try:
+        timeout = put(principal, body, task_id=task_id).timeout
+    except Exception:
+        if record_id:
+            release(record_id)
+        raise
     db.session.rollback()
     return timeout
 
@@ -87,23 +99,52 @@ def _error_body(status: str, result: dict | None) -> tuple[int, dict]:
     return 500, error_body(f"The task ended as {status} without a result.", "server_error", code="no_result")
 
 
-def blocking(principal: Principal, body: dict[str, Any]) -> Response:
-    """Hold the request until the task ends; answer with the upstream's status and body."""
+def respond(principal: Principal, body: dict[str, Any], mode: str) -> Response:
+    """A blocking or streaming put. With an ``Idempotency-Key`` a retry attaches to the first
+    request's task instead of running a second one."""
     task_id = new_task_id()
-    waiter = bus().register(task_id)
+    key = header_key()
+    record_id = 0
+    if key is not None:
+        answer = json.dumps({"code": 200, "data": task_id})
+        record_id, first = reserve(PUT_ROUTE, principal.owner, key, services().settings.idempotency_ttl,
+                                   fingerprint(body), answer)
+        if first is not None:
+            if first.response == PENDING:
+                raise in_progress()
+            return attach(json.loads(first.response)["data"], mode)
+    if mode == "blocking":
+        return blocking(principal, body, task_id, record_id)
+    return streaming(principal, body, task_id, record_id)
+
+
+def _answer(task_id: str, payload: dict[str, Any]) -> Response:
+    status_code, out = _error_body(payload.get("status", ""), payload.get("result"))
+    response = jsonify(out)
+    response.status_code = status_code
+    response.headers["X-Bella-Task-Id"] = task_id
+    return response
+
+
+def _hold(task_id: str, timeout: float, waiter: queue.Queue, recheck_s: float = RECHECK_S) -> Response:
     try:
-        timeout = _put_and_release(principal, body, task_id)
-        for event in _events(task_id, timeout, waiter):
+        for event in _events(task_id, timeout, waiter, recheck_s):
             if event.get("name") == COMPLETION:
-                payload = event.get("payload") or {}
-                status_code, out = _error_body(payload.get("status", ""), payload.get("result"))
-                response = jsonify(out)
-                response.status_code = status_code
-                response.headers["X-Bella-Task-Id"] = task_id
-                return response
+                return _answer(task_id, event.get("payload") or {})
         raise AssertionError("unreachable: events always end with a completion")
     finally:
-        bus().unregister(task_id)
+        bus().unregister(task_id, waiter)
+
+
+def blocking(principal: Principal, body: dict[str, Any], task_id: str, record_id: int = 0) -> Response:
+    """Hold the request until the task ends; answer with the upstream's status and body."""
+    waiter = bus().register(task_id)
+    try:
+        timeout = _put_and_release(principal, body, task_id, record_id)
+    except Exception:
+        bus().unregister(task_id, waiter)
+        raise
+    return _hold(task_id, timeout, waiter)
 
 
 def _sse(data: Any) -> str:
@@ -111,22 +152,21 @@ def _sse(data: Any) -> str:
     return f"data: {text}\n\n"
 
 
-def streaming(principal: Principal, body: dict[str, Any]) -> Response:
-    """Answer ``text/event-stream``: each progress event's data as it comes, then ``[DONE]``."""
-    task_id = new_task_id()
+def _stream(task_id: str, timeout: float, waiter: queue.Queue, recheck_s: float = RECHECK_S,
+            replay: dict[str, Any] | None = None) -> Response:
+    """``text/event-stream``: each progress event's data as it comes, then ``[DONE]``. ``replay``
+    is the end of a task that had already ended: its result is sent whole."""
     event_bus = bus()
-    waiter = event_bus.register(task_id)
-    try:
-        timeout = _put_and_release(principal, body, task_id)
-    except Exception:
-        event_bus.unregister(task_id)
-        raise
 
     def generate() -> Iterator[str]:
         try:
             # An SSE comment sends the headers now: the client knows the task is accepted.
             yield ": accepted\n\n"
-            for event in _events(task_id, timeout, waiter):
+            if replay is not None:
+                yield _sse(_error_body(replay.get("status", ""), replay.get("result"))[1])
+                yield _sse("[DONE]")
+                return
+            for event in _events(task_id, timeout, waiter, recheck_s):
                 payload = event.get("payload") or {}
                 if event.get("name") == PROGRESS:
                     yield _sse(payload.get("eventData"))
@@ -138,10 +178,47 @@ def streaming(principal: Principal, body: dict[str, Any]) -> Response:
                     yield _sse("[DONE]")
                     return
         finally:
-            event_bus.unregister(task_id)
+            event_bus.unregister(task_id, waiter)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Bella-Task-Id": task_id}
     return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
+
+
+def streaming(principal: Principal, body: dict[str, Any], task_id: str, record_id: int = 0) -> Response:
+    """Answer ``text/event-stream`` for a new task."""
+    waiter = bus().register(task_id)
+    try:
+        timeout = _put_and_release(principal, body, task_id, record_id)
+    except Exception:
+        bus().unregister(task_id, waiter)
+        raise
+    return _stream(task_id, timeout, waiter)
+
+
+def attach(task_id: str, mode: str) -> Response:
+    """A retried put: follow the first request's task from where it is. Events reach this process
+    through the one holding the task (asked to forward them), and SQL is looked at every
+    ``ATTACHED_RECHECK_S`` in case that process is gone."""
+    event_bus = bus()
+    waiter = event_bus.register(task_id)
+    try:
+        task = db.session.get(Task, task_id)
+        if task is None:  # the first put has not committed yet
+            raise in_progress()
+        instance_id, remaining = task.instance_id, max(0.0, task.expire_time / 1000 - time.time())
+        db.session.rollback()
+        if instance_id and instance_id != event_bus.instance_id:
+            event_bus.publish(instance_id, [watch_event(task_id, event_bus.instance_id)])
+        final = _final_of(task_id)
+    except Exception:
+        event_bus.unregister(task_id, waiter)
+        raise
+    if mode == "streaming":
+        return _stream(task_id, remaining, waiter, ATTACHED_RECHECK_S, replay=final)
+    if final is not None:
+        event_bus.unregister(task_id, waiter)
+        return _answer(task_id, final)
+    return _hold(task_id, remaining, waiter, ATTACHED_RECHECK_S)
 
 
 def publish_completions(tasks: list[Task]) -> None:

@@ -16,13 +16,14 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
-from bellaq import metrics
+from bellaq import metrics, open_tasks
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
 from bellaq.extensions import db
 from bellaq.faults import fault_point
 from bellaq.ids import new_id
 from bellaq.keys import Principal
+from bellaq.lease_tokens import BUILTIN_HOLDER, holder_of
 from bellaq.models import Queue, Task
 from bellaq.models.tasks import (
     CANCELLED,
@@ -121,6 +122,7 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         attempts=0,
     )
     payload = task_payload(task)  # before the commit, which would make reading the task a query
+    open_tasks.admit(principal.owner)
     db.session.add(task)
     db.session.commit()
     try:
@@ -239,13 +241,13 @@ def complete_task(task: Task, result: dict[str, Any], holder: str | None = None)
         finish([task], SUCCEEDED if ok else FAILED, result)
         engine.forget_results(task.queue, [task.id])
         return {"task_id": task.id, "completed": True, "status": task.status}
+    if outcome == "wrong_holder":
+        raise Conflict(f"Task '{task.id}' is leased to a worker of another owner; it was left untouched.",
+                       param="task_id", code="leased_by_another_owner")
     db.session.refresh(task)
     if outcome == "already":
         return {"task_id": task.id, "completed": False, "status": task.status,
                 "message": "The task was already completed; this complete changed nothing."}
-    if outcome == "wrong_holder":
-        raise Conflict(f"Task '{task.id}' is leased to another owner's worker.", param="task_id",
-                       code="wrong_holder")
     raise Conflict(
         f"Task '{task.id}' is not leased to anyone (status: {task.status}); its result was dropped.",
         param="task_id", code="not_leased",
@@ -290,7 +292,7 @@ def parse_extend(body: dict[str, Any]) -> int:
 def lease_holder(principal: Principal) -> str | None:
     """The holder an HTTP worker's leases are taken, completed and extended as: its owner (an
     admin key skips the check)."""
-    return None if principal.role == "admin" else f"owner:{principal.owner}"
+    return None if principal.role == "admin" else holder_of(principal.owner)
 
 
 def extend(task_id: str, lease_s: float, holder: str | None) -> dict[str, Any]:
@@ -301,8 +303,8 @@ def extend(task_id: str, lease_s: float, holder: str | None) -> dict[str, Any]:
     if task.id in got.renewed:
         return {"task_id": task.id, "lease_expires_at": got.renewed[task.id]}
     if got.wrong_holder:
-        raise Conflict(f"Task '{task.id}' is leased to another owner's worker.", param="task_id",
-                       code="wrong_holder")
+        raise Conflict(f"Task '{task.id}' is leased to a worker of another owner; it was left untouched.",
+                       param="task_id", code="leased_by_another_owner")
     raise Conflict(f"Task '{task.id}' is not leased to anyone (status: {task.status}); its lease cannot be "
                    "extended.", param="task_id", code="not_leased")
 
@@ -420,10 +422,10 @@ def parse_take(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def take(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo", process_timeout: float = 300,
-         max_retries: int = 3, lease: float | None = None, holder: str | None = None) -> list[dict[str, Any]]:
-    """Lease up to ``size`` tasks by ``strategy`` and mark them queued; returns task objects.
-    Each lease lasts ``lease`` seconds (default: ``process_timeout``), renewable by its
-    ``holder`` up to ``process_timeout`` after the take."""
+         max_retries: int = 3, lease: float | None = None, holder: str = BUILTIN_HOLDER) -> list[dict[str, Any]]:
+    """Lease up to ``size`` tasks by ``strategy`` to ``holder`` (built-in workers unless named)
+    and mark them queued; returns task objects. Each lease lasts ``lease`` seconds (default:
+    ``process_timeout``), renewable by its ``holder`` up to ``process_timeout`` after the take."""
     svc = services()
     lease_ms = None if lease is None else max(1, round(min(lease, process_timeout) * 1000))
     taken = svc.engine.take(queues, size, strategy, process_timeout, max_retries, lease_ms=lease_ms, holder=holder)

@@ -96,9 +96,9 @@ def test_an_external_worker_extends_its_lease(app, client, user, worker, make_ke
     assert first.json == {"task_id": task_id, "lease_expires_at": int(deadline)}
     other = make_key("worker")
     refused = client.post(f"/v1/queue/{task_id}/extend", json={"lease": 60}, headers=other)
-    assert refused.status_code == 409 and refused.json["error"]["code"] == "wrong_holder"
+    assert refused.status_code == 409 and refused.json["error"]["code"] == "leased_by_another_owner"
     stolen = client.post(f"/v1/queue/{task_id}/complete", json={"status_code": 200, "body": {}}, headers=other)
-    assert stolen.status_code == 409 and stolen.json["error"]["code"] == "wrong_holder"
+    assert stolen.status_code == 409 and stolen.json["error"]["code"] == "leased_by_another_owner"
     done = client.post(f"/v1/queue/{task_id}/complete", json={"status_code": 200, "body": {"ok": 1}}, headers=worker)
     assert done.status_code == 200 and done.json["completed"] is True
     late = client.post(f"/v1/queue/{task_id}/extend", json={"lease": 60}, headers=worker)

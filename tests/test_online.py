@@ -117,10 +117,11 @@ def test_events_written_straight_to_the_redis_stream_reach_the_client(live_serve
         task = wait_for(lambda: requests.post(f"{base}/v1/queue/take", headers=worker, timeout=10,
                                               json={"queues": ["ext:0"]}).json()["ext:0"])[0]
         r = redis.Redis.from_url(bus["url"])
-        # the engine must also learn of the completion: complete over HTTP, which publishes the event
         event = {"name": "task-completion-event", "from": "", "context": "",
-                 "payload": {"taskId": task["task_id"], "status": "succeeded",
+                 "payload": {"taskId": task["task_id"], "leaseToken": task["lease_token"],
                              "result": {"status_code": 200, "request_id": "", "body": {"via": "redis"}}}}
         r.xadd(bus["topic"] + task["instance_id"], {"event": json.dumps(event)})
         resp = held.result(timeout=30)
     assert resp.status_code == 200 and resp.json() == {"via": "redis"}
+    ended = requests.get(f"{base}/v1/queue/{task['task_id']}", headers=user, timeout=10).json()
+    assert ended["status"] == "succeeded" and ended["result"]["body"] == {"via": "redis"}

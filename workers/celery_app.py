@@ -92,6 +92,9 @@ def beat_schedule() -> dict[str, dict]:
         "check-engine": {"task": "bellaq.check_engine", "schedule": 15.0, "options": {"queue": CONTROL_QUEUE}},
         "expire-batches": {"task": "bellaq.expire_batches", "schedule": 10.0, "options": {"queue": CONTROL_QUEUE}},
         "sweep-callbacks": {"task": "bellaq.sweep_callbacks", "schedule": 5.0, "options": {"queue": CONTROL_QUEUE}},
+        "sweep-eventbus": {"task": "bellaq.sweep_eventbus", "schedule": 5.0, "options": {"queue": CONTROL_QUEUE}},
+        "purge-idempotency": {"task": "bellaq.purge_idempotency", "schedule": 300.0,
+                              "options": {"queue": CONTROL_QUEUE}},
     }
 
 

@@ -11,7 +11,7 @@ from bellaq.api.openapi import event_stream, operation
 from bellaq.auth import current_principal, require
 from bellaq.batches import events, resubmit, service
 from bellaq.batches.service import QUEUE_HEADER
-from bellaq.idempotency import idempotent
+from bellaq.idempotency import fingerprint, idempotent
 from bellaq.services import services
 from bellaq.validation import int_arg, json_body
 
@@ -22,7 +22,8 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
            parameters=("IdempotencyKey", "QueueHeader"), responses={200: "Batch"},
            description="Answers at once with status validating; the file is validated and run in the background.",
            errors={404: "No file with this input_file_id among the caller's.",
-                   409: "A request with this Idempotency-Key is still running."})
+                   409: "A request with this Idempotency-Key is still running.",
+                   429: "The owner has too many open tasks."})
 @bp.post("")
 @require("user")
 def create():
@@ -33,7 +34,8 @@ def create():
         batch = service.create(principal, body, request.headers.get(QUEUE_HEADER))
         return service.batch_object(batch), 200
 
-    return idempotent("batches.create", principal.owner, services().settings.idempotency_ttl, make)
+    return idempotent("batches.create", principal.owner, services().settings.idempotency_ttl, make,
+                      fingerprint([body, request.headers.get(QUEUE_HEADER)]))
 
 
 @operation("List batches, newest first", tag="Batches", roles=("user",), parameters=("Limit", "After"),

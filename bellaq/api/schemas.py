@@ -266,8 +266,10 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "Taken": {"type": "object", "description": "The tasks taken, by full queue name (every listed queue appears).",
               "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/TakenTask"}}},
-    "TakenTask": closed("A task leased to the taker.", {k: v for k, v in _TASK_FIELDS.items()
-                                                        if not k.startswith("callback_") or k == "callback_url"}),
+    "TakenTask": closed("A task leased to the taker.", {
+        **{k: v for k, v in _TASK_FIELDS.items() if not k.startswith("callback_") or k == "callback_url"},
+        "lease_token": {"type": "string", "description": "Proves this lease in events written to the event bus "
+                                                         "(payload.leaseToken)"}}),
     "Complete": {
         "type": "object", "required": ["status_code"],
         "examples": [{"status_code": 200, "request_id": "req_123", "body": {"object": "chat.completion"}}],

@@ -7,10 +7,11 @@ from flask import Blueprint, jsonify
 from bellaq import online, tasks
 from bellaq.api.openapi import PUT_ANSWER, operation
 from bellaq.auth import current_principal, require
-from bellaq.errors import Unavailable
+from bellaq.errors import BadRequest, Conflict, Unavailable
 from bellaq.eventbus import progress_event, topic
 from bellaq.eventbus_access import EventbusUnavailable, worker_url
-from bellaq.idempotency import idempotent
+from bellaq.idempotency import fingerprint, idempotent
+from bellaq.lease_tokens import holder_of
 from bellaq.services import services
 from bellaq.validation import choice_field, field, json_body
 
@@ -31,16 +32,15 @@ def put():
     principal = current_principal()
     body = json_body()
     mode = choice_field(body, "response_mode", ("callback", "blocking", "streaming"), "callback")
-    if mode == "blocking":
-        return online.blocking(principal, body)
-    if mode == "streaming":
-        return online.streaming(principal, body)
+    if mode != "callback":
+        return online.respond(principal, body, mode)
 
     def create() -> tuple[dict, int]:
         task = tasks.put(principal, body)
         return {"code": 200, "data": task.id}, 200
 
-    return idempotent("queue.put", principal.owner, services().settings.idempotency_ttl, create)
+    return idempotent(online.PUT_ROUTE, principal.owner, services().settings.idempotency_ttl, create,
+                      fingerprint(body))
 
 
 @operation("Read a task", tag="Tasks", roles=("user",), responses={200: "Task"},
@@ -68,9 +68,11 @@ def cancel(task_id: str):
 @require("worker")
 def take():
     args = tasks.parse_take(json_body())
-    taken = tasks.take(**args, holder=tasks.lease_holder(current_principal()))
+    taken = tasks.take(**args, holder=holder_of(current_principal().owner))
+    secret = online.bus().secret
     out: dict[str, list] = {f"{q}:{lvl}": [] for q, lvl in args["queues"]}
     for task in taken:
+        task["lease_token"] = secret.lease_token(task["task_id"], task["attempts"])
         out[f"{task['queue']}:{task['level']}"].append(task)
     return jsonify(out)
 
@@ -101,7 +103,8 @@ def extend(task_id: str):
 
 @operation("Send a progress event to the request holding a streaming task", tag="Workers", roles=("worker",),
            body="Progress", responses={200: "ProgressSent"}, errors={
-               404: "No task with this id.", 409: "Another owner's worker holds the task."})
+               404: "No task with this id.",
+               409: "Nobody holds the task's lease, or another owner's worker does."})
 @bp.post("/<task_id>/progress")
 @require("worker")
 def progress(task_id: str):
@@ -110,9 +113,14 @@ def progress(task_id: str):
     event_name = field(body, "event_name", str, "progress")
     task = tasks.find_task(task_id)
     if "event_data" not in body:
-        from bellaq.errors import BadRequest
-
         raise BadRequest("Missing required field 'event_data'.", param="event_data", code="missing_field")
+    holder = services().engine.lease_holder(task.queue, task.id)
+    if holder is None:
+        raise Conflict(f"Task '{task.id}' is not leased to anyone (status: {task.status}); nothing was sent.",
+                       param="task_id", code="not_leased")
+    if holder != holder_of(current_principal().owner):
+        raise Conflict(f"Task '{task.id}' is leased to a worker of another owner; nothing was sent.",
+                       param="task_id", code="leased_by_another_owner")
     if task.instance_id:
         online.bus().publish(task.instance_id, [progress_event(task.id, str(event_id), event_name,
                                                                body["event_data"])])

@@ -31,7 +31,7 @@ from sqlalchemy import func, insert, update
 from sqlalchemy.exc import InterfaceError, SQLAlchemyError
 from sqlalchemy.exc import OperationalError as SQLError
 
-from bellaq import files, metrics
+from bellaq import files, metrics, open_tasks
 from bellaq.batches import progress
 from bellaq.batches.ending import end_open_tasks, ended_result
 from bellaq.batches.ids import line_index, task_id_for
@@ -330,6 +330,7 @@ def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: b
         progress.add_ended({batch.id: len(rows)})
         metrics.batch_lines_processed(batch.queue, status, len(rows))
         return
+    open_tasks.added(batch.owner, len(rows))
     first_index = line_index(rows[0]["id"])
     # task_payload only reads attributes: a plain namespace per row is enough (and much cheaper).
     items = [(row["id"], task_payload(SimpleNamespace(**row)), base_score + first_index + i)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy import func, update
 
-from bellaq import files
+from bellaq import files, open_tasks
 from bellaq.batches import progress
 from bellaq.batches.ids import new_batch_id
 from bellaq.batches.validation import check_metadata, parse_window
@@ -61,6 +61,7 @@ def create(principal: Principal, body: dict[str, Any], queue_header: str | None)
             db.select(Queue.name).where(Queue.endpoint == endpoint).limit(1)).first():
         raise BadRequest(f"Endpoint {endpoint} is not served here: use one of {', '.join(BUILTIN_ENDPOINTS)} or the "
                          "endpoint of a registered queue.", param="endpoint", code="invalid_endpoint")
+    open_tasks.check(principal.owner)
     batch = new_batch(principal.owner, endpoint, input_file_id, window, metadata, queue_name)
     hand_off(batch)
     return batch

@@ -18,4 +18,6 @@ class IdempotencyRecord(db.Model):
     key: Mapped[str] = mapped_column(String(255))
     status_code: Mapped[int] = mapped_column(Integer, default=200)
     response: Mapped[str] = mapped_column(Text)
+    # A hash of the request body: the same key with another body is refused.
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)

@@ -511,6 +511,16 @@ class QueueEngine:
                 return kind
         return "absent"
 
+    def lease_holder(self, queue: str, task_id: str) -> str | None:
+        """The holder named by the task's current lease: None when not leased, '' when the take
+        named nobody."""
+        check_task_id(task_id)
+        record = self.redis.hget(self._hkey(queue, "leaseinfo"), task_id)
+        if record is None:
+            return None
+        parts = as_str(record).split(" ", 3)
+        return parts[3] if len(parts) == 4 else ""
+
 
 def _queue_stats(answer: Sequence[Any]) -> QueueStats:
     *counts, due = (int(x) for x in answer)
