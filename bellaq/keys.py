@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 
+from flask import current_app
+from redis.exceptions import RedisError
+
 from bellaq.clock import now_ms
+from bellaq.errors import NotFound, Unavailable
 from bellaq.extensions import db
 from bellaq.ids import new_id
+from bellaq.key_cache import MAX_AGE_S, KeyCache
 from bellaq.models import ApiKey, Owner
 from bellaq.models.keys import ROLES
+from bellaq.services import services
 from bellaq.webhooks import new_secret
 
 ENV_ADMIN_OWNER = "admin"
+CACHE_EXTENSION = "bellaq.key_cache"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,16 +68,57 @@ def create_key(name: str, role: str, owner: str | None = None) -> tuple[ApiKey, 
     db.session.add(row)
     owner_secret(row.owner)
     db.session.commit()
+    _bump_quietly()
     return row, raw
+
+
+def delete_key(key_id: str) -> None:
+    """Delete a key; every process refuses it from its next request on.
+
+    The cache version is bumped before the commit (Redis unreachable: 503, nothing changed) and
+    again after it, so a lookup between the two cannot keep the key alive.
+    """
+    row = db.session.get(ApiKey, key_id)
+    if row is None or row.deleted_at is not None:
+        raise NotFound(f"No key with id '{key_id}'.", param="id", code="key_not_found")
+    try:
+        key_cache().bump()
+    except RedisError:
+        db.session.rollback()
+        raise Unavailable("Redis is unavailable; the key was not deleted.") from None
+    row.deleted_at = now_ms()
+    db.session.commit()
+    _bump_quietly()
+
+
+def key_cache() -> KeyCache[Principal | None]:
+    """This app's cache of key lookups (one per process and app)."""
+    cache = current_app.extensions.get(CACHE_EXTENSION)
+    if cache is None:
+        svc = services()
+        cache = current_app.extensions[CACHE_EXTENSION] = KeyCache(svc.redis, svc.key("keys", "version"))
+    return cache
+
+
+def _bump_quietly() -> None:
+    try:
+        key_cache().bump()
+    except RedisError:
+        log.warning("could not bump the API key cache version; cached lookups expire within %s s", MAX_AGE_S)
 
 
 def authenticate(raw: str, admin_key: str = "") -> Principal | None:
     """The principal for a raw key, or None when it is unknown or deleted."""
     if admin_key and hmac.compare_digest(raw, admin_key):
         return Principal(key_id="env-admin", role="admin", owner=ENV_ADMIN_OWNER)
+    return key_cache().get(hash_key(raw), _lookup)
+
+
+def _lookup(key_hash: str) -> Principal | None:
     row = db.session.execute(
-        db.select(ApiKey).where(ApiKey.key_hash == hash_key(raw), ApiKey.deleted_at.is_(None))
-    ).scalar_one_or_none()
+        db.select(ApiKey.id, ApiKey.role, ApiKey.owner).where(ApiKey.key_hash == key_hash,
+                                                              ApiKey.deleted_at.is_(None))
+    ).first()
     if row is None:
         return None
     return Principal(key_id=row.id, role=row.role, owner=row.owner)
