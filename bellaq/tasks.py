@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, inspect, update
+from sqlalchemy import bindparam, insert, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq.clock import now_ms
@@ -77,7 +77,9 @@ def error_result(status_code: int, message: str, code: str, kind: str = "invalid
 # ---------------------------------------------------------------------------------------------- put
 
 def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) -> Task:
-    """Validate a put, write the task to SQL and make it takeable; all or nothing."""
+    """Validate a put, write the task to SQL and make it takeable; all or nothing.
+
+    Returns the task as a transient object (not in the session): reading it costs no query."""
     svc = services()
     settings = svc.settings
     endpoint = check_endpoint(field(body, "endpoint", str))
@@ -101,36 +103,39 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         except UnsafeURL as err:
             raise BadRequest(str(err), param="callback_url", code="unsafe_callback_url") from None
     queue = resolve_queue(endpoint, data.get("model"), queue_name)
+    queue_name, builtin = queue.name, queue.builtin
     start = now_ms()
-    task = Task(
-        id=task_id or new_task_id(),
-        owner=principal.owner,
-        batch_id="",
-        endpoint=endpoint,
-        queue=queue.name,
-        level=level,
-        data=json.dumps(data),
-        status=WAITING,
-        response_mode=mode,
-        callback_url=callback_url or "",
-        timeout=timeout,
-        instance_id=svc.instance_id if mode != "callback" else "",
-        start_time=start,
-        expire_time=start + timeout * 1000,
-        attempts=0,
-    )
-    payload = task_payload(task)  # before the commit, which would make reading the task a query
-    db.session.add(task)
+    row = {
+        "id": task_id or new_task_id(),
+        "owner": principal.owner,
+        "batch_id": "",
+        "endpoint": endpoint,
+        "queue": queue_name,
+        "level": level,
+        "data": json.dumps(data),
+        "status": WAITING,
+        "response_mode": mode,
+        "callback_url": callback_url or "",
+        "timeout": timeout,
+        "instance_id": svc.instance_id if mode != "callback" else "",
+        "start_time": start,
+        "expire_time": start + timeout * 1000,
+        "attempts": 0,
+    }
+    # Core, not the unit of work: one INSERT, and nothing to reload after the commit.
+    task = Task(**row)
+    payload = task_payload(task)
+    db.session.execute(insert(Task.__table__), [row])
     db.session.commit()
     try:
-        svc.engine.enqueue(queue.name, level, task.id, payload, score=time.time_ns() // 1000)
+        svc.engine.enqueue(queue_name, level, row["id"], payload, score=time.time_ns() // 1000)
     except RedisError:
         # The engine never saw it: take the row back so nothing half-written remains.
-        db.session.execute(db.delete(Task).where(Task.id == task.id))
+        db.session.execute(db.delete(Task).where(Task.id == row["id"]))
         db.session.commit()
         raise Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.") from None
-    if queue.builtin:
-        svc.work_ready(queue.name, level, 1)
+    if builtin:
+        svc.work_ready(queue_name, level, 1)
     return task
 
 

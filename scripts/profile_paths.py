@@ -120,10 +120,10 @@ def main() -> None:
                 for q in ("prof_cb", "prof_rtt"):
                     admin.ok("POST", "/v1/queue/register", {"queue": q, "endpoint": CHAT, "builtin": True,
                                                             "strategy": "fifo"})
+                up = {"model": "mock-1", "messages": [{"role": "user", "content": "up"}]}
                 with JsonClient(stack.url, user) as c:  # workers up
                     c.ok("POST", "/v1/queue/put", {"endpoint": CHAT, "queue": "prof_rtt", "response_mode": "blocking",
-                                                   "data": {"model": "mock-1", "messages": [{"role": "user", "content": "up"}]},
-                                                   "timeout": 60})
+                                                   "data": up, "timeout": 60})
                 pids = {"web": stack.web_pids()[1], "worker": worker.pid}
                 cb = {"endpoint": CHAT, "queue": "prof_cb", "callback_url": sink.url}
                 n = args.n - args.n % 4

@@ -11,7 +11,6 @@ completed the moment their answer arrives; the others are completed together in 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -26,15 +25,13 @@ from bellaq.eventbus import EventBus, progress_event
 from bellaq.extensions import db
 from bellaq.models import Queue
 from bellaq.services import Services, services
+from workers import announcements
 from workers.celery_app import broker_prefix, celery, get_flask_app, level_queue
 from workers.upstream import UpstreamClient, UpstreamResult
 
 log = logging.getLogger(__name__)
 
 QUEUE_CACHE_S = 5.0
-MAX_MESSAGES_PER_ANNOUNCE = 256
-ANNOUNCED_CAP = 64
-ANNOUNCED_TTL_S = 60
 # A message drains its queue for at most this long, then re-announces and frees its Celery slot.
 DRAIN_BUDGET_S = 5.0
 
@@ -46,31 +43,11 @@ _broker: redis.Redis | None = None
 
 
 def announce(queue: str, level: int, count: int = 1) -> None:
-    """Send enough "work is ready" messages for ``count`` new tasks (work-ready listener).
-
-    Each message drains many tasks, so at most ``ANNOUNCED_CAP`` wait per queue level: a put
-    into a busy queue sends nothing. The count forgets itself every ``ANNOUNCED_TTL_S`` seconds,
-    so a message lost with a dead worker cannot silence a queue for long.
-    """
+    """Send the "work is ready" messages ``count`` new tasks call for (work-ready listener): none
+    while the queue level already has enough consumers announced (``workers.announcements``)."""
     svc = services()
-    wanted = min(max(1, math.ceil(count / svc.settings.worker_take_size)), MAX_MESSAGES_PER_ANNOUNCE)
-    key = svc.key("announced", queue, str(level))
-    pipe = svc.redis.pipeline(transaction=False)
-    pipe.set(key, 0, ex=ANNOUNCED_TTL_S, nx=True)
-    pipe.incrby(key, wanted)
-    outstanding = pipe.execute()[1]
-    send = max(0, min(wanted, ANNOUNCED_CAP - (outstanding - wanted)))
-    if send < wanted:
-        svc.redis.decrby(key, wanted - send)
-    for _ in range(send):
+    for _ in range(announcements.claim(svc, queue, level, count)):
         consume.apply_async((queue, level), queue=level_queue(level))
-
-
-def _received(queue: str, level: int, svc: Services) -> None:
-    """A consume message arrived: one fewer is waiting."""
-    key = svc.key("announced", queue, str(level))
-    if svc.redis.decr(key) < 0:
-        svc.redis.set(key, 0, ex=ANNOUNCED_TTL_S)
 
 
 def queue_config(name: str) -> dict | None:
@@ -202,6 +179,8 @@ class _Drain:
         self.finished: dict[str, dict] = {}  # non-online results, completed together
         self.taken = 0
         self.again_in: float | None = None  # re-announce after this many seconds
+        self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
+        self.refreshed = time.monotonic()
 
     def refill(self, started: float) -> bool:
         """Take more work into free slots; False once nothing more should be taken."""
@@ -217,6 +196,14 @@ class _Drain:
             return False
         if not taken:
             return False
+        if not self.recruited and len(taken) >= self.slots:
+            # A full take: the backlog may be deeper than this drain can keep up with.
+            self.recruited = True
+            if announcements.recruit(self.svc, self.queue, self.level):
+                consume.apply_async((self.queue, self.level), queue=level_queue(self.level))
+        if time.monotonic() - self.refreshed > announcements.REFRESH_S:
+            self.refreshed = time.monotonic()
+            announcements.refresh(self.svc, self.queue, self.level)
         if self.config.get("rpm"):
             _count_rpm(self.queue, len(taken), self.svc)
         self.taken += len(taken)
@@ -248,33 +235,40 @@ class _Drain:
             self.finished = {}
 
     def again(self) -> None:
-        """Come back to this queue later (a counted message, like every announcement)."""
-        key = self.svc.key("announced", self.queue, str(self.level))
-        pipe = self.svc.redis.pipeline(transaction=False)
-        pipe.set(key, 0, ex=ANNOUNCED_TTL_S, nx=True)
-        pipe.incr(key)
-        pipe.execute()
+        """Come back to this queue later: the message takes this consumer's place in the count."""
         consume.apply_async((self.queue, self.level), queue=level_queue(self.level), countdown=self.again_in)
 
-    def run(self) -> int:
-        started = time.monotonic()
+    def drain(self, started: float) -> None:
         taking = self.refill(started)
         while self.inflight:
             self.collect()
             if taking and len(self.inflight) <= self.slots - max(1, self.slots // 4):
                 taking = self.refill(started)
         self.flush()
-        if self.again_in is not None:
-            self.again()
-        return self.taken
+
+    def run(self) -> int:
+        started = time.monotonic()
+        while True:
+            self.drain(started)
+            if self.again_in is not None:
+                self.again()
+                return self.taken
+            announcements.leave(self.svc, self.queue, self.level)
+            # A put that saw this consumer counted sent nothing: look once more after leaving.
+            if not self.refill(started):
+                if self.again_in is not None:
+                    announcements.join(self.svc, self.queue, self.level)
+                    self.again()
+                return self.taken
+            announcements.join(self.svc, self.queue, self.level)
 
 
 @celery.task(name="bellaq.consume", ignore_result=True)
 def consume(queue: str, level: int) -> int:
     """Take work of ``queue:level`` with the queue's strategy, run it, complete it."""
     svc = services()
-    _received(queue, level, svc)
     config = queue_config(queue)
     if config is None or not config["builtin"]:
+        announcements.leave(svc, queue, level)
         return 0
     return _Drain(queue, level, config, svc).run()
