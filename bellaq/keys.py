@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import secrets
 from dataclasses import dataclass
 
-from flask import current_app
 from redis.exceptions import RedisError
 
 from bellaq.clock import now_ms
 from bellaq.errors import NotFound, Unavailable
 from bellaq.extensions import db
 from bellaq.ids import new_id
-from bellaq.key_cache import MAX_AGE_S, KeyCache
 from bellaq.models import ApiKey, Owner
 from bellaq.models.keys import ROLES
-from bellaq.services import services
+from bellaq.registry_cache import bump_quietly, registry_cache
 from bellaq.webhooks import new_secret
 
 ENV_ADMIN_OWNER = "admin"
-CACHE_EXTENSION = "bellaq.key_cache"
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,7 +63,7 @@ def create_key(name: str, role: str, owner: str | None = None) -> tuple[ApiKey, 
     db.session.add(row)
     owner_secret(row.owner)
     db.session.commit()
-    _bump_quietly()
+    bump_quietly()
     return row, raw
 
 
@@ -82,36 +77,21 @@ def delete_key(key_id: str) -> None:
     if row is None or row.deleted_at is not None:
         raise NotFound(f"No key with id '{key_id}'.", param="id", code="key_not_found")
     try:
-        key_cache().bump()
+        registry_cache().bump()
     except RedisError:
         db.session.rollback()
         raise Unavailable("Redis is unavailable; the key was not deleted.") from None
     row.deleted_at = now_ms()
     db.session.commit()
-    _bump_quietly()
-
-
-def key_cache() -> KeyCache[Principal | None]:
-    """This app's cache of key lookups (one per process and app)."""
-    cache = current_app.extensions.get(CACHE_EXTENSION)
-    if cache is None:
-        svc = services()
-        cache = current_app.extensions[CACHE_EXTENSION] = KeyCache(svc.redis, svc.key("keys", "version"))
-    return cache
-
-
-def _bump_quietly() -> None:
-    try:
-        key_cache().bump()
-    except RedisError:
-        log.warning("could not bump the API key cache version; cached lookups expire within %s s", MAX_AGE_S)
+    bump_quietly()
 
 
 def authenticate(raw: str, admin_key: str = "") -> Principal | None:
     """The principal for a raw key, or None when it is unknown or deleted."""
     if admin_key and hmac.compare_digest(raw, admin_key):
         return Principal(key_id="env-admin", role="admin", owner=ENV_ADMIN_OWNER)
-    return key_cache().get(hash_key(raw), _lookup)
+    key_hash = hash_key(raw)
+    return registry_cache().get(("key", key_hash), lambda: _lookup(key_hash))
 
 
 def _lookup(key_hash: str) -> Principal | None:
