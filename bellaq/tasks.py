@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, insert, inspect, update
+from sqlalchemy import bindparam, insert, inspect, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq.clock import now_ms
@@ -158,6 +158,42 @@ def find_task(task_id: str) -> Task:
 
 # ---------------------------------------------------------------------------------------------- end
 
+def _claim(tasks: Sequence[Task], status: str, now: int, result: dict | None = None,
+           results: dict[str, dict] | None = None) -> list[tuple[Task, str | None]]:
+    """Write the end state of each task still open, in the current transaction; returns those
+    that changed, with their result text. ``UPDATE ... WHERE status IN (open)``: of two enders,
+    only one wins."""
+    table = Task.__table__
+    claim = (update(table).where(table.c.id == bindparam("tid"), table.c.status.in_(OPEN_STATUSES))
+             .values(status=status, completed_time=now, result=bindparam("res")))
+    conn = db.session.connection()
+    changed: list[tuple[Task, str | None]] = []
+    for task in tasks:
+        value = results.get(task.id) if results else result
+        text = json.dumps(value) if value is not None else None
+        if conn.execute(claim, {"tid": task.id, "res": text}).rowcount == 1:
+            changed.append((task, text))
+    return changed
+
+
+def _detach(tasks: Sequence[Task]) -> None:
+    """Detached, the objects keep their values through the commit: listeners read them without
+    one query per task. Transient ones (read with Core) are not in the session at all."""
+    for task in tasks:
+        if task in db.session:
+            if inspect(task).expired_attributes:
+                db.session.refresh(task)
+            db.session.expunge(task)
+
+
+def _ended(changed: Sequence[tuple[Task, str | None]], status: str, now: int) -> list[Task]:
+    for task, text in changed:
+        set_committed_value(task, "status", status)
+        set_committed_value(task, "completed_time", now)
+        set_committed_value(task, "result", text)
+    return [task for task, _ in changed]
+
+
 def finish(tasks: Sequence[Task], status: str, result: dict | None = None,
            results: dict[str, dict] | None = None) -> list[Task]:
     """Write the end state of tasks the engine has already released; returns those that changed.
@@ -168,27 +204,10 @@ def finish(tasks: Sequence[Task], status: str, result: dict | None = None,
     if not tasks:
         return []
     now = now_ms()
-    table = Task.__table__
-    claim = (update(table).where(table.c.id == bindparam("tid"), table.c.status.in_(OPEN_STATUSES))
-             .values(status=status, completed_time=now, result=bindparam("res")))
-    changed: list[tuple[Task, str | None]] = []
-    for task in tasks:
-        value = results.get(task.id) if results else result
-        text = json.dumps(value) if value is not None else None
-        if db.session.execute(claim, {"tid": task.id, "res": text}).rowcount == 1:
-            changed.append((task, text))
-    for task in tasks:
-        # Detached, the objects keep their values through the commit: listeners read them
-        # without one query per task.
-        if inspect(task).expired_attributes:
-            db.session.refresh(task)
-        db.session.expunge(task)
+    changed = _claim(tasks, status, now, result, results)
+    _detach(tasks)
     db.session.commit()
-    for task, text in changed:
-        set_committed_value(task, "status", status)
-        set_committed_value(task, "completed_time", now)
-        set_committed_value(task, "result", text)
-    ended = [task for task, _ in changed]
+    ended = _ended(changed, status, now)
     if ended:
         services().task_ended(ended)
     return ended
@@ -249,19 +268,31 @@ def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
 
 def complete_many(results: dict[str, dict[str, Any]]) -> int:
     """Complete tasks leased by built-in workers: claimed in the engine in one round trip, then
-    one SQL transaction per end status. Tasks nobody holds any more (cancelled, timed out) are
-    dropped."""
+    written in one SQL transaction (Core rows, no unit of work). Tasks nobody holds any more
+    (cancelled, timed out) are dropped."""
     if not results:
         return 0
-    rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
-    oks = [200 <= results[t.id]["status_code"] < 300 for t in rows]
-    items = [(t.queue, t.level, t.id, not ok) for t, ok in zip(rows, oks, strict=True)]
+    table = Task.__table__
+    rows = db.session.connection().execute(
+        select(table).where(table.c.id.in_(list(results)))).mappings().all()
+    tasks = [Task(**row) for row in rows]
+    oks = [200 <= results[t.id]["status_code"] < 300 for t in tasks]
+    items = [(t.queue, t.level, t.id, not ok) for t, ok in zip(tasks, oks, strict=True)]
     outcomes = services().engine.complete_many(items)
     by_status: dict[str, list[Task]] = defaultdict(list)
-    for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
+    for task, ok, outcome in zip(tasks, oks, outcomes, strict=True):
         if outcome == "completed":
             by_status[SUCCEEDED if ok else FAILED].append(task)
-    return sum(len(finish(group, status, results=results)) for status, group in by_status.items())
+    if not by_status:
+        db.session.rollback()
+        return 0
+    now = now_ms()
+    changed = {status: _claim(group, status, now, results=results) for status, group in by_status.items()}
+    db.session.commit()
+    ended = [task for status, pairs in changed.items() for task in _ended(pairs, status, now)]
+    if ended:
+        services().task_ended(ended)
+    return len(ended)
 
 
 def end_lost_completions(limit: int = 1000) -> int:
@@ -319,9 +350,12 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         task.update(status=QUEUED, attempts=item.attempts, running_time=now, result=None, completed_time=None)
         out.append(task)
     if out:
-        db.session.execute(update(Task), [
-            {"id": t["task_id"], "status": QUEUED, "attempts": t["attempts"], "running_time": now} for t in out
-        ])
+        table = Task.__table__
+        db.session.connection().execute(
+            update(table).where(table.c.id == bindparam("tid"))
+            .values(status=QUEUED, attempts=bindparam("n"), running_time=now),
+            [{"tid": t["task_id"], "n": t["attempts"]} for t in out],
+        )
         db.session.commit()
     if overdue:
         _end_overdue(overdue)
