@@ -7,17 +7,15 @@ is claimed in the engine first (one atomic script), so a task ends exactly once.
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-from sqlalchemy import bindparam, insert, inspect, select, update
+from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq.clock import now_ms
-from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
+from bellaq.errors import BadRequest, Conflict, NotFound, error_body
 from bellaq.extensions import db
 from bellaq.ids import new_id
 from bellaq.keys import Principal
@@ -33,6 +31,7 @@ from bellaq.models.tasks import (
     TIMEOUT,
     WAITING,
 )
+from bellaq.put_group import PendingPut, put_group
 from bellaq.queue_engine import STRATEGIES, TakenTask
 from bellaq.queues import check_endpoint, full_queue, resolve_queue
 from bellaq.services import services
@@ -122,20 +121,10 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         "expire_time": start + timeout * 1000,
         "attempts": 0,
     }
-    # Core, not the unit of work: one INSERT, and nothing to reload after the commit.
+    # Core, not the unit of work: the row is inserted with others waiting in this process (one
+    # transaction, one engine round trip per queue level), and nothing is reloaded afterwards.
     task = Task(**row)
-    payload = task_payload(task)
-    db.session.execute(insert(Task.__table__), [row])
-    db.session.commit()
-    try:
-        svc.engine.enqueue(queue_name, level, row["id"], payload, score=time.time_ns() // 1000)
-    except RedisError:
-        # The engine never saw it: take the row back so nothing half-written remains.
-        db.session.execute(db.delete(Task).where(Task.id == row["id"]))
-        db.session.commit()
-        raise Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.") from None
-    if builtin:
-        svc.work_ready(queue_name, level, 1)
+    put_group().submit(PendingPut(row, task_payload(task), builtin))
     return task
 
 
