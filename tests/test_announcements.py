@@ -49,18 +49,42 @@ def test_a_backlog_announced_at_once_gets_a_consumer_per_take(app, broker):
         assert broker() == 4
 
 
-def test_a_lost_announcement_stops_counting_when_its_key_expires(app, client, admin, user, broker):
+def test_a_lost_announcement_stops_counting_on_its_own(app, client, admin, user, broker):
+    import time
+
     from workers import announcements
 
     _register(client, admin, "lost")
     _put(client, user, "lost", 1)
     svc = app.extensions["bellaq"]
     key = announcements.key(svc, "lost", 0)
-    assert 0 < svc.redis.ttl(key) <= announcements.TTL_S
+    [(token, score)] = svc.redis.zrange(key, 0, -1, withscores=True)
+    assert time.time() < score <= time.time() + announcements.WAIT_S
     svc.redis.delete(svc.key("celery", "bellaq.l0"))  # the message is lost with its worker
-    svc.redis.delete(key)  # what the expiry does
+    _put(client, user, "lost", 1)
+    assert broker() == 0  # still presumed on its way
+    svc.redis.zadd(key, {token: time.time() - 1})  # ... until WAIT_S has passed
     _put(client, user, "lost", 1)
     assert broker() == 1
+
+
+def test_a_dead_consumer_stops_counting_while_others_drain(app, broker):
+    """Each consumer keeps only itself alive: one killed mid-drain is presumed dead within LIVE_S."""
+    import time
+
+    from workers import announcements
+    from workers.consumer import announce
+
+    svc = app.extensions["bellaq"]
+    with app.app_context():
+        announcements.alive(svc, "two", 0, "survivor")
+        announcements.alive(svc, "two", 0, "victim")
+        svc.redis.zadd(announcements.key(svc, "two", 0), {"victim": time.time() - 1})  # LIVE_S passed
+        announcements.alive(svc, "two", 0, "survivor")  # the survivor's refresh keeps only itself
+        assert announcements.live(svc, "two", 0) == 1
+        announcements.leave(svc, "two", 0, "survivor")
+        announce("two", 0, 1)
+        assert broker() == 1
 
 
 def test_a_backlog_is_drained_by_recruited_consumers(app, client, admin, user, broker, celery_worker):
@@ -76,7 +100,7 @@ def test_a_backlog_is_drained_by_recruited_consumers(app, client, admin, user, b
     wait_for(all_done, message="40 tasks to end")
     from workers import announcements
 
-    wait_for(lambda: not svc.redis.exists(announcements.key(svc, "drain", 0)), message="the count to go")
+    wait_for(lambda: announcements.live(svc, "drain", 0) == 0, message="every consumer to leave")
     _put(client, user, "drain", 1)  # an idle queue is announced again at once
     wait_for(lambda: client.get("/v1/queue/drain:0/stats", headers=admin).json["done"] == 41,
              message="the next put to run")

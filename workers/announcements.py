@@ -1,31 +1,41 @@
-"""How many consumers of a built-in queue level are announced: "work is ready" messages waiting
-in Celery plus consumers draining, counted in one Redis key, ``<prefix>:announced:<queue>:<level>``.
+"""Which consumers of a built-in queue level are announced: "work is ready" messages waiting in
+Celery and consumers draining, each a member of one Redis sorted set,
+``<prefix>:announced:<queue>:<level>``, scored by when it is presumed lost.
 
 A consumer drains its queue until it is empty, so a put into a queue level that already has a
-waiting message or a draining consumer sends nothing: one GET. The count covers a consumer
-from its announcement to the end of its drain. A drain that found a full take recruits one more
-consumer (up to ``CAP``), so a backlog spreads over the worker pool in a few steps; a drain that
-ends with its queue empty takes itself off the count and then looks at the engine once more,
-re-announcing if a put slipped in between (the put enqueued before it read the count, so one of
-the two sees the other). The key expires ``TTL_S`` after its last refresh (draining consumers
-refresh it), so a message lost with a killed worker silences its queue for seconds at most;
-beat's engine check re-announces waiting work as well.
+live member sends nothing: one ZCOUNT. A message is a member from its announcement (for
+``WAIT_S``) and then, under the same token, its consumer until the end of the drain (kept
+alive every ``REFRESH_S``, for ``LIVE_S``); so a message or a consumer lost with a killed worker
+stops counting on its own within seconds, whatever the others do. A drain that found a full take
+recruits one more consumer (up to ``CAP``), so a backlog spreads over the worker pool in a few
+steps. A drain that ends with its queue empty leaves the set and then looks at the engine once
+more, re-joining if a put slipped in between (the put enqueued before it counted, so one of the
+two sees the other). Beat's engine check re-announces waiting work as well.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
+import time
 
 from bellaq.services import Services
 
 CAP = 64  # consumers announced per queue level at most
 MAX_PER_CALL = 256
-TTL_S = 10
+WAIT_S = 30.0  # a message not received within this is presumed lost
+LIVE_S = 10.0  # a draining consumer not heard of within this is presumed dead
 REFRESH_S = 3.0
+KEY_TTL_S = 3600
 
 
 def key(svc: Services, queue: str, level: int) -> str:
     return svc.key("announced", queue, str(level))
+
+
+def live(svc: Services, queue: str, level: int) -> int:
+    """How many consumers are announced and presumed alive."""
+    return svc.redis.zcount(key(svc, queue, level), time.time(), "+inf")
 
 
 def wanted(svc: Services, count: int) -> int:
@@ -33,46 +43,55 @@ def wanted(svc: Services, count: int) -> int:
     return min(max(1, math.ceil(count / svc.settings.worker_take_size)), MAX_PER_CALL, CAP)
 
 
-def claim(svc: Services, queue: str, level: int, count: int) -> int:
-    """Count the messages to send for ``count`` new tasks, and return how many: enough that at
+def _add(svc: Services, queue: str, level: int, tokens: list[str], alive_for: float) -> None:
+    k = key(svc, queue, level)
+    now = time.time()
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.zremrangebyscore(k, "-inf", now)
+    pipe.zadd(k, {t: now + alive_for for t in tokens})
+    pipe.expire(k, KEY_TTL_S)
+    pipe.execute()
+
+
+def claim(svc: Services, queue: str, level: int, count: int) -> list[str]:
+    """Tokens of the messages to send for ``count`` new tasks (already counted): enough that at
     least ``wanted(count)`` consumers are announced."""
     target = wanted(svc, count)
-    k = key(svc, queue, level)
-    current = int(svc.redis.get(k) or 0)
+    current = live(svc, queue, level)
     if current >= target:
-        return 0
-    send = target - current
+        return []
+    tokens = [new_token() for _ in range(target - current)]
+    _add(svc, queue, level, tokens, WAIT_S)
+    return tokens
+
+
+def recruit(svc: Services, queue: str, level: int) -> str | None:
+    """The token of one more consumer's message if fewer than ``CAP`` are announced."""
+    if live(svc, queue, level) >= CAP:
+        return None
+    token = new_token()
+    _add(svc, queue, level, [token], WAIT_S)
+    return token
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def alive(svc: Services, queue: str, level: int, token: str) -> None:
+    """The consumer ``token`` drains (received, refreshed, or back after leaving)."""
+    k = key(svc, queue, level)
     pipe = svc.redis.pipeline(transaction=False)
-    pipe.incrby(k, send)
-    pipe.expire(k, TTL_S)
+    pipe.zadd(k, {token: time.time() + LIVE_S})
+    pipe.expire(k, KEY_TTL_S)
     pipe.execute()
-    return send
 
 
-def join(svc: Services, queue: str, level: int) -> int:
-    """Count one more consumer; returns how many are counted now."""
-    k = key(svc, queue, level)
-    pipe = svc.redis.pipeline(transaction=False)
-    pipe.incr(k)
-    pipe.expire(k, TTL_S)
-    return pipe.execute()[0]
+def coming_back(svc: Services, queue: str, level: int, token: str, countdown: float) -> None:
+    """The consumer ``token`` sent itself a message due in ``countdown`` seconds."""
+    svc.redis.zadd(key(svc, queue, level), {token: time.time() + countdown + WAIT_S})
 
 
-def recruit(svc: Services, queue: str, level: int) -> bool:
-    """Count one more consumer if fewer than ``CAP`` are; True if its message should be sent."""
-    if join(svc, queue, level) <= CAP:
-        return True
-    svc.redis.decr(key(svc, queue, level))
-    return False
-
-
-def refresh(svc: Services, queue: str, level: int) -> None:
-    """A draining consumer is alive: keep the count from expiring."""
-    svc.redis.expire(key(svc, queue, level), TTL_S)
-
-
-def leave(svc: Services, queue: str, level: int) -> None:
-    """A consumer ended its drain: one fewer (the key goes when none is left)."""
-    k = key(svc, queue, level)
-    if svc.redis.decr(k) <= 0:
-        svc.redis.delete(k)
+def leave(svc: Services, queue: str, level: int, token: str) -> None:
+    """The consumer ``token`` ended its drain."""
+    svc.redis.zrem(key(svc, queue, level), token)

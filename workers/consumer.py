@@ -46,8 +46,8 @@ def announce(queue: str, level: int, count: int = 1) -> None:
     """Send the "work is ready" messages ``count`` new tasks call for (work-ready listener): none
     while the queue level already has enough consumers announced (``workers.announcements``)."""
     svc = services()
-    for _ in range(announcements.claim(svc, queue, level, count)):
-        consume.apply_async((queue, level), queue=level_queue(level))
+    for token in announcements.claim(svc, queue, level, count):
+        consume.apply_async((queue, level, token), queue=level_queue(level))
 
 
 def queue_config(name: str) -> dict | None:
@@ -170,8 +170,8 @@ class _Drain:
     until the queue is empty, a limit says wait, the time budget is spent, or more urgent work
     waits."""
 
-    def __init__(self, queue: str, level: int, config: dict, svc: Services) -> None:
-        self.queue, self.level, self.config, self.svc = queue, level, config, svc
+    def __init__(self, queue: str, level: int, config: dict, svc: Services, token: str) -> None:
+        self.queue, self.level, self.config, self.svc, self.token = queue, level, config, svc, token
         self.slots = 1 if config["strategy"] == "sequential" else svc.settings.worker_take_size
         self.client = upstream_for(config, svc)
         self.bus: EventBus = get_flask_app().extensions["bellaq.eventbus"]
@@ -199,11 +199,12 @@ class _Drain:
         if not self.recruited and len(taken) >= self.slots:
             # A full take: the backlog may be deeper than this drain can keep up with.
             self.recruited = True
-            if announcements.recruit(self.svc, self.queue, self.level):
-                consume.apply_async((self.queue, self.level), queue=level_queue(self.level))
+            token = announcements.recruit(self.svc, self.queue, self.level)
+            if token is not None:
+                consume.apply_async((self.queue, self.level, token), queue=level_queue(self.level))
         if time.monotonic() - self.refreshed > announcements.REFRESH_S:
             self.refreshed = time.monotonic()
-            announcements.refresh(self.svc, self.queue, self.level)
+            announcements.alive(self.svc, self.queue, self.level, self.token)
         if self.config.get("rpm"):
             _count_rpm(self.queue, len(taken), self.svc)
         self.taken += len(taken)
@@ -235,8 +236,11 @@ class _Drain:
             self.finished = {}
 
     def again(self) -> None:
-        """Come back to this queue later: the message takes this consumer's place in the count."""
-        consume.apply_async((self.queue, self.level), queue=level_queue(self.level), countdown=self.again_in)
+        """Come back to this queue later: the message keeps this consumer's token."""
+        assert self.again_in is not None
+        announcements.coming_back(self.svc, self.queue, self.level, self.token, self.again_in)
+        consume.apply_async((self.queue, self.level, self.token), queue=level_queue(self.level),
+                            countdown=self.again_in)
 
     def drain(self, started: float) -> None:
         taking = self.refill(started)
@@ -253,22 +257,24 @@ class _Drain:
             if self.again_in is not None:
                 self.again()
                 return self.taken
-            announcements.leave(self.svc, self.queue, self.level)
+            announcements.leave(self.svc, self.queue, self.level, self.token)
             # A put that saw this consumer counted sent nothing: look once more after leaving.
             if not self.refill(started):
                 if self.again_in is not None:
-                    announcements.join(self.svc, self.queue, self.level)
                     self.again()
                 return self.taken
-            announcements.join(self.svc, self.queue, self.level)
+            announcements.alive(self.svc, self.queue, self.level, self.token)
 
 
 @celery.task(name="bellaq.consume", ignore_result=True)
-def consume(queue: str, level: int) -> int:
-    """Take work of ``queue:level`` with the queue's strategy, run it, complete it."""
+def consume(queue: str, level: int, token: str | None = None) -> int:
+    """Take work of ``queue:level`` with the queue's strategy, run it, complete it. ``token``
+    names the message among the queue level's announced consumers (``workers.announcements``)."""
     svc = services()
+    token = token or announcements.new_token()
     config = queue_config(queue)
     if config is None or not config["builtin"]:
-        announcements.leave(svc, queue, level)
+        announcements.leave(svc, queue, level, token)
         return 0
-    return _Drain(queue, level, config, svc).run()
+    announcements.alive(svc, queue, level, token)
+    return _Drain(queue, level, config, svc, token).run()
