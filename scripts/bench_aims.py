@@ -49,6 +49,7 @@ from scripts.benchlib import (  # noqa: E402
     print_rows,
     raise_nofile,
     tree_cpu,
+    unique_prefix,
 )
 
 RESULTS = ROOT / "bench" / "results" / "aims.json"
@@ -147,13 +148,12 @@ def measure_batch(db_url_arg: str | None, args: argparse.Namespace, tmp: Path) -
     return {"lines": args.batch_lines, "bellaq": bellaq, "plain_client": plain}
 
 
-def run_database(name: str, db_url_arg: str | None, args: argparse.Namespace) -> dict[str, Any]:
+def run_database(name: str, db_url_arg: str | None, args: argparse.Namespace, bare: BareCelery) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bqbench-aims-") as tmp_name:
         tmp = Path(tmp_name)
         out: dict[str, Any] = {}
         with database(db_url_arg, tmp) as db_url:
             dep = Deployment(tmp, db_url, args)
-            bare = BareCelery(dep.prefix, tmp)
             try:
                 dep.stack.start_web(workers=args.web_workers, worker_connections=20000, backlog=4096, timeout=300,
                                     app=ANCHOR_APP)
@@ -170,7 +170,6 @@ def run_database(name: str, db_url_arg: str | None, args: argparse.Namespace) ->
             finally:
                 dep.stop()
                 bare.stop_worker()
-                delete_prefix(REDIS_URL, bare.prefix)
         if args.batch_lines:
             print(f"== {name}: batch of {args.batch_lines} lines", flush=True)
             batch_tmp = tmp / "batch"
@@ -229,14 +228,24 @@ def main() -> None:
     args = parser.parse_args()
     args.raw_mock = False
     raise_nofile()
-    results: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                                           "shared": "yes: other benchmarks and test suites ran beside"},
-                               "settings": {k: v for k, v in vars(args).items() if k != "mariadb_url"}}
-    for name in [d.strip() for d in args.databases.split(",") if d.strip()]:
-        results[name] = run_database(name, args.mariadb_url if name == "mariadb" else None, args)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    # A run of some databases keeps the others' results.
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                                "shared": "yes: other engineers' benchmarks and test suites ran beside"}})
+    settings = {k: v for k, v in vars(args).items() if k != "mariadb_url"}
+    with tempfile.TemporaryDirectory(prefix="bqbench-aims-bare-") as bare_dir:
+        # One bare Celery app per process: its broker prefix is read once.
+        bare = BareCelery(unique_prefix("bqbench-aims"), Path(bare_dir))
+        try:
+            for name in [d.strip() for d in args.databases.split(",") if d.strip()]:
+                results[name] = run_database(name, args.mariadb_url if name == "mariadb" else None, args, bare)
+                results[name]["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                results[name]["settings"] = settings
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        finally:
+            bare.stop_worker()
+            delete_prefix(REDIS_URL, bare.prefix)
     for name in results:
         if isinstance(results[name], dict) and "aims" in results[name]:
             print(f"\n{name}")
