@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from typing import Any
 
 from bellaq.services import Services
 
@@ -53,16 +54,32 @@ def _add(svc: Services, queue: str, level: int, tokens: list[str], alive_for: fl
     pipe.execute()
 
 
+# KEYS: the set. ARGV: now, seconds a message lives, key TTL, then the tokens offered; adds as
+# many of them as bring the live members up to the number offered, and returns those.
+_CLAIM = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local live = redis.call('ZCARD', KEYS[1])
+local out = {}
+for i = 4 + live, #ARGV do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
+  out[#out + 1] = ARGV[i]
+end
+if #out > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return out
+"""
+_scripts: dict[int, Any] = {}
+
+
 def claim(svc: Services, queue: str, level: int, count: int) -> list[str]:
     """Tokens of the messages to send for ``count`` new tasks (already counted): enough that at
-    least ``wanted(count)`` consumers are announced."""
-    target = wanted(svc, count)
-    current = live(svc, queue, level)
-    if current >= target:
-        return []
-    tokens = [new_token() for _ in range(target - current)]
-    _add(svc, queue, level, tokens, WAIT_S)
-    return tokens
+    least ``wanted(count)`` consumers are announced. One round trip."""
+    script = _scripts.get(id(svc.redis))
+    if script is None:
+        script = _scripts[id(svc.redis)] = svc.redis.register_script(_CLAIM)
+    tokens = [new_token() for _ in range(wanted(svc, count))]
+    added = script(keys=[key(svc, queue, level)], args=[time.time(), WAIT_S, KEY_TTL_S, *tokens])
+    return [t.decode() if isinstance(t, bytes) else t for t in added]
 
 
 def recruit(svc: Services, queue: str, level: int) -> str | None:

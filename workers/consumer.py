@@ -180,7 +180,7 @@ class _Drain:
         self.taken = 0
         self.again_in: float | None = None  # re-announce after this many seconds
         self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
-        self.refreshed = time.monotonic()
+        self.refreshed = 0.0  # the first take marks this consumer alive
 
     def refill(self, started: float) -> bool:
         """Take more work into free slots; False once nothing more should be taken."""
@@ -196,6 +196,13 @@ class _Drain:
             return False
         if not taken:
             return False
+        if self.config.get("rpm"):
+            _count_rpm(self.queue, len(taken), self.svc)
+        self.taken += len(taken)
+        for task in taken:
+            future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
+            self.inflight[future] = task
+        # The requests run meanwhile: announcements are off their critical path.
         if not self.recruited and len(taken) >= self.slots:
             # A full take: the backlog may be deeper than this drain can keep up with.
             self.recruited = True
@@ -205,12 +212,6 @@ class _Drain:
         if time.monotonic() - self.refreshed > announcements.REFRESH_S:
             self.refreshed = time.monotonic()
             announcements.alive(self.svc, self.queue, self.level, self.token)
-        if self.config.get("rpm"):
-            _count_rpm(self.queue, len(taken), self.svc)
-        self.taken += len(taken)
-        for task in taken:
-            future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
-            self.inflight[future] = task
         return True
 
     def collect(self) -> None:
@@ -276,5 +277,4 @@ def consume(queue: str, level: int, token: str | None = None) -> int:
     if config is None or not config["builtin"]:
         announcements.leave(svc, queue, level, token)
         return 0
-    announcements.alive(svc, queue, level, token)
     return _Drain(queue, level, config, svc, token).run()
