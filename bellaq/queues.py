@@ -4,6 +4,7 @@ an endpoint and model."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from bellaq.clock import now_ms
@@ -13,6 +14,7 @@ from bellaq.keys import Principal
 from bellaq.models import Queue, Task
 from bellaq.models.tasks import CANCELLED
 from bellaq.queue_engine import QUEUE_NAME_RE, STRATEGIES, parse_full_queue
+from bellaq.registry_cache import bump_quietly, registry_cache
 from bellaq.services import services
 from bellaq.upstream_rules import BUILTIN_ENDPOINTS, base_url_problem, endpoint_problem, key_env_problem
 from bellaq.validation import choice_field, field, int_field
@@ -92,6 +94,7 @@ def register(body: dict[str, Any]) -> Queue:
     if existing is None:
         db.session.add(row)
     db.session.commit()
+    bump_quietly()
     return row
 
 
@@ -111,7 +114,28 @@ def get_queue(name: str) -> Queue:
     return row
 
 
-def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = "queue") -> Queue:
+@dataclass(frozen=True)
+class QueueRef:
+    """What a put needs of a registered queue."""
+
+    name: str
+    endpoint: str
+    builtin: bool
+
+
+def _queue_ref(name: str) -> QueueRef | None:
+    """The registered queue ``name``, cached per process until a registration changes it."""
+
+    def load() -> QueueRef | None:
+        row = db.session.execute(
+            db.select(Queue.name, Queue.endpoint, Queue.builtin).where(Queue.name == name)
+        ).first()
+        return QueueRef(row.name, row.endpoint, bool(row.builtin)) if row is not None else None
+
+    return registry_cache().get(("queue", name), load)
+
+
+def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = "queue") -> QueueRef:
     """The queue for a request: the named one (which must serve ``endpoint``) or the default one.
 
     The default is the queue named after the endpoint and model; a default queue that does not exist
@@ -119,28 +143,28 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
     goes to the (oldest) registered queue that serves it.
     """
     if explicit is not None:
-        row = db.session.get(Queue, check_queue_name(explicit, param))
-        if row is None:
+        ref = _queue_ref(check_queue_name(explicit, param))
+        if ref is None:
             raise BadRequest(f"No queue named '{explicit}' is registered; register it first "
                              "(POST /v1/queue/register) or leave the queue out.", param=param,
                              code="queue_not_found")
-        if row.endpoint != endpoint:
-            raise BadRequest(f"Queue '{explicit}' serves {row.endpoint}, not {endpoint}.", param="endpoint")
-        return row
+        if ref.endpoint != endpoint:
+            raise BadRequest(f"Queue '{explicit}' serves {ref.endpoint}, not {endpoint}.", param="endpoint")
+        return ref
     name = default_queue_name(endpoint, model)
-    row = db.session.get(Queue, name)
-    if row is not None:
-        if row.endpoint != endpoint:
+    ref = _queue_ref(name)
+    if ref is not None:
+        if ref.endpoint != endpoint:
             # Names are sanitised, so another endpoint can map onto a queue serving a different one.
-            raise BadRequest(f"The default queue of {endpoint} and this model ('{name}') serves {row.endpoint}; "
+            raise BadRequest(f"The default queue of {endpoint} and this model ('{name}') serves {ref.endpoint}; "
                              "name a queue that serves your endpoint in 'queue'.", param=param,
                              code="queue_not_registered")
-        return row
+        return ref
     if endpoint not in BUILTIN_ENDPOINTS:
         served = db.session.execute(db.select(Queue).where(Queue.endpoint == endpoint)
                                     .order_by(Queue.created_at, Queue.name).limit(1)).scalar_one_or_none()
         if served is not None:
-            return served  # the registered queue that serves this endpoint
+            return QueueRef(served.name, served.endpoint, served.builtin)  # the registered queue that serves it
         raise BadRequest(f"No queue serves {endpoint} here. A queue is created on first use only for "
                          f"{', '.join(BUILTIN_ENDPOINTS)}; ask an admin to register a queue for {endpoint} "
                          "(POST /v1/queue/register) and name it in 'queue'.", param=param,
@@ -156,7 +180,9 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
         row = db.session.get(Queue, name)
         if row is None:
             raise
-    return row
+    ref = QueueRef(row.name, row.endpoint, row.builtin)
+    bump_quietly()
+    return ref
 
 
 def clear_waiting(queue: str, level: int) -> int:

@@ -7,18 +7,16 @@ is claimed in the engine first (one atomic script), so a task ends exactly once.
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-from sqlalchemy import bindparam, inspect, update
+from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq import metrics, open_tasks
 from bellaq.clock import now_ms
-from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
+from bellaq.errors import BadRequest, Conflict, NotFound, error_body
 from bellaq.extensions import db
 from bellaq.faults import fault_point
 from bellaq.ids import new_id
@@ -36,6 +34,7 @@ from bellaq.models.tasks import (
     TIMEOUT,
     WAITING,
 )
+from bellaq.put_group import PendingPut, put_group
 from bellaq.queue_engine import STRATEGIES, Completion, TakenTask
 from bellaq.queues import check_endpoint, full_queue, resolve_queue
 from bellaq.services import services
@@ -80,7 +79,9 @@ def error_result(status_code: int, message: str, code: str, kind: str = "invalid
 # ---------------------------------------------------------------------------------------------- put
 
 def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) -> Task:
-    """Validate a put, write the task to SQL and make it takeable; all or nothing."""
+    """Validate a put, write the task to SQL and make it takeable; all or nothing.
+
+    Returns the task as a transient object (not in the session): reading it costs no query."""
     svc = services()
     settings = svc.settings
     endpoint = check_endpoint(field(body, "endpoint", str))
@@ -103,38 +104,31 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         except UnsafeURL as err:
             raise BadRequest(str(err), param="callback_url", code="unsafe_callback_url") from None
     queue = resolve_queue(endpoint, data.get("model"), queue_name)
+    queue_name, builtin = queue.name, queue.builtin
     start = now_ms()
-    task = Task(
-        id=task_id or new_task_id(),
-        owner=principal.owner,
-        batch_id="",
-        endpoint=endpoint,
-        queue=queue.name,
-        level=level,
-        data=json.dumps(data),
-        status=WAITING,
-        response_mode=mode,
-        callback_url=callback_url or "",
-        timeout=timeout,
-        instance_id=svc.instance_id if mode != "callback" else "",
-        start_time=start,
-        expire_time=start + timeout * 1000,
-        attempts=0,
-    )
-    payload = task_payload(task)  # before the commit, which would make reading the task a query
+    row = {
+        "id": task_id or new_task_id(),
+        "owner": principal.owner,
+        "batch_id": "",
+        "endpoint": endpoint,
+        "queue": queue_name,
+        "level": level,
+        "data": json.dumps(data),
+        "status": WAITING,
+        "response_mode": mode,
+        "callback_url": callback_url or "",
+        "timeout": timeout,
+        "instance_id": svc.instance_id if mode != "callback" else "",
+        "start_time": start,
+        "expire_time": start + timeout * 1000,
+        "attempts": 0,
+    }
+    # Core, not the unit of work: the row is inserted with others waiting in this process (one
+    # transaction, one engine round trip per queue level), and nothing is reloaded afterwards.
+    task = Task(**row)
     open_tasks.admit(principal.owner)
-    db.session.add(task)
-    db.session.commit()
-    try:
-        svc.engine.enqueue(queue.name, level, task.id, payload, score=time.time_ns() // 1000)
-    except RedisError:
-        # The engine never saw it: take the row back so nothing half-written remains.
-        db.session.execute(db.delete(Task).where(Task.id == task.id))
-        db.session.commit()
-        raise Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.") from None
-    metrics.tasks_put(queue.name, level)
-    if queue.builtin:
-        svc.work_ready(queue.name, level, 1)
+    put_group().submit(PendingPut(row, task_payload(task), builtin))
+    metrics.tasks_put(queue_name, level)
     return task
 
 
@@ -157,6 +151,42 @@ def find_task(task_id: str) -> Task:
 
 # ---------------------------------------------------------------------------------------------- end
 
+def _claim(tasks: Sequence[Task], status: str, now: int, result: dict | None = None,
+           results: dict[str, dict] | None = None) -> list[tuple[Task, str | None]]:
+    """Write the end state of each task still open, in the current transaction; returns those
+    that changed, with their result text. ``UPDATE ... WHERE status IN (open)``: of two enders,
+    only one wins."""
+    table = Task.__table__
+    claim = (update(table).where(table.c.id == bindparam("tid"), table.c.status.in_(OPEN_STATUSES))
+             .values(status=status, completed_time=now, result=bindparam("res")))
+    conn = db.session.connection()
+    changed: list[tuple[Task, str | None]] = []
+    for task in tasks:
+        value = results.get(task.id) if results else result
+        text = json.dumps(value) if value is not None else None
+        if conn.execute(claim, {"tid": task.id, "res": text}).rowcount == 1:
+            changed.append((task, text))
+    return changed
+
+
+def _detach(tasks: Sequence[Task]) -> None:
+    """Detached, the objects keep their values through the commit: listeners read them without
+    one query per task. Transient ones (read with Core) are not in the session at all."""
+    for task in tasks:
+        if task in db.session:
+            if inspect(task).expired_attributes:
+                db.session.refresh(task)
+            db.session.expunge(task)
+
+
+def _ended(changed: Sequence[tuple[Task, str | None]], status: str, now: int) -> list[Task]:
+    for task, text in changed:
+        set_committed_value(task, "status", status)
+        set_committed_value(task, "completed_time", now)
+        set_committed_value(task, "result", text)
+    return [task for task, _ in changed]
+
+
 def finish(tasks: Sequence[Task], status: str, result: dict | None = None,
            results: dict[str, dict] | None = None) -> list[Task]:
     """Write the end state of tasks the engine has already released; returns those that changed.
@@ -167,27 +197,10 @@ def finish(tasks: Sequence[Task], status: str, result: dict | None = None,
     if not tasks:
         return []
     now = now_ms()
-    table = Task.__table__
-    claim = (update(table).where(table.c.id == bindparam("tid"), table.c.status.in_(OPEN_STATUSES))
-             .values(status=status, completed_time=now, result=bindparam("res")))
-    changed: list[tuple[Task, str | None]] = []
-    for task in tasks:
-        value = results.get(task.id) if results else result
-        text = json.dumps(value) if value is not None else None
-        if db.session.execute(claim, {"tid": task.id, "res": text}).rowcount == 1:
-            changed.append((task, text))
-    for task in tasks:
-        # Detached, the objects keep their values through the commit: listeners read them
-        # without one query per task.
-        if inspect(task).expired_attributes:
-            db.session.refresh(task)
-        db.session.expunge(task)
+    changed = _claim(tasks, status, now, result, results)
+    _detach(tasks)
     db.session.commit()
-    for task, text in changed:
-        set_committed_value(task, "status", status)
-        set_committed_value(task, "completed_time", now)
-        set_committed_value(task, "result", text)
-    ended = [task for task, _ in changed]
+    ended = _ended(changed, status, now)
     if ended:
         services().task_ended(ended)
     return ended
@@ -256,23 +269,34 @@ def complete_task(task: Task, result: dict[str, Any], holder: str | None = None)
 
 def complete_many(results: dict[str, dict[str, Any]]) -> int:
     """Complete tasks leased by built-in workers: claimed in the engine in one round trip, then
-    one SQL transaction per end status. Tasks nobody holds any more (cancelled, timed out) are
-    dropped."""
+    written in one SQL transaction (Core rows, no unit of work). Tasks nobody holds any more
+    (cancelled, timed out) are dropped."""
     if not results:
         return 0
-    rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
-    oks = [200 <= results[t.id]["status_code"] < 300 for t in rows]
+    table = Task.__table__
+    rows = db.session.connection().execute(
+        select(table).where(table.c.id.in_(list(results)))).mappings().all()
+    tasks = [Task(**row) for row in rows]
+    oks = [200 <= results[t.id]["status_code"] < 300 for t in tasks]
     items = [Completion(t.queue, t.level, t.id, not ok, json.dumps(results[t.id]))
-             for t, ok in zip(rows, oks, strict=True)]
+             for t, ok in zip(tasks, oks, strict=True)]
     outcomes = services().engine.complete_many(items)
     fault_point("after_engine_complete")
     by_status: dict[str, list[Task]] = defaultdict(list)
-    for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
+    for task, ok, outcome in zip(tasks, oks, outcomes, strict=True):
         if outcome == "completed":
             by_status[SUCCEEDED if ok else FAILED].append(task)
-    ended = sum(len(finish(group, status, results=results)) for status, group in by_status.items())
+    if not by_status:
+        db.session.rollback()
+        return 0
+    now = now_ms()
+    changed = {status: _claim(group, status, now, results=results) for status, group in by_status.items()}
+    db.session.commit()
+    ended = [task for status, pairs in changed.items() for task in _ended(pairs, status, now)]
     _forget_recorded([t for group in by_status.values() for t in group])
-    return ended
+    if ended:
+        services().task_ended(ended)
+    return len(ended)
 
 
 def _forget_recorded(tasks: Sequence[Task]) -> None:
@@ -446,9 +470,12 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         task.update(status=QUEUED, attempts=item.attempts, running_time=now, result=None, completed_time=None)
         out.append(task)
     if out:
-        db.session.execute(update(Task), [
-            {"id": t["task_id"], "status": QUEUED, "attempts": t["attempts"], "running_time": now} for t in out
-        ])
+        table = Task.__table__
+        db.session.connection().execute(
+            update(table).where(table.c.id == bindparam("tid"))
+            .values(status=QUEUED, attempts=bindparam("n"), running_time=now),
+            [{"tid": t["task_id"], "n": t["attempts"]} for t in out],
+        )
         db.session.commit()
     if overdue:
         _end_overdue(overdue)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.conftest import ADMIN_KEY as ADMIN
 from tests.conftest import auth
 
 CHAT = "/v1/chat/completions"
@@ -146,3 +147,59 @@ def test_raw_non_ascii_header_bytes_over_real_http_are_401(any_app):
 def test_the_admin_key_still_works_beside_the_checks(any_app):
     resp = any_app.test_client().get("/v1/keys", headers=auth("bq-test-admin-key"))
     assert resp.status_code == (200 if any_app.config["BELLAQ"].admin_key else 401)
+
+
+def _sql_statements(app):
+    """A list that collects every SQL statement ``app`` runs from now on."""
+    from sqlalchemy import event
+
+    from bellaq.extensions import db
+
+    seen: list[str] = []
+    with app.app_context():
+        event.listen(db.engine, "before_cursor_execute", lambda _c, _cur, stmt, *_a: seen.append(stmt))
+    return seen
+
+
+def test_a_key_deleted_through_one_app_is_refused_at_once_by_another(app, settings, make_key):
+    from tests.conftest import running_app
+
+    headers = make_key("user")
+    with running_app(settings) as other:
+        other_client = other.test_client()
+        for _ in range(2):  # the second answer comes from the other app's cache
+            assert other_client.get("/v1/queue/task_none", headers=headers).status_code == 404
+        key_id = app.test_client().get("/v1/keys", headers=auth(ADMIN)).json["data"][0]["id"]
+        assert app.test_client().delete(f"/v1/keys/{key_id}", headers=auth(ADMIN)).status_code == 200
+        resp = other_client.get("/v1/queue/task_none", headers=headers)
+        assert resp.status_code == 401
+        assert resp.json["error"]["type"] == "authentication_error"
+        assert app.test_client().get("/v1/queue/task_none", headers=headers).status_code == 401
+
+
+def test_a_valid_key_costs_no_sql_once_cached(app, make_key):
+    from bellaq.keys import authenticate
+
+    raw = make_key("worker")["Authorization"].removeprefix("Bearer ")
+    statements = _sql_statements(app)
+    with app.test_request_context():
+        first = authenticate(raw)
+    assert statements, "the first lookup reads SQL"
+    statements.clear()
+    with app.test_request_context():
+        assert authenticate(raw) == first
+    assert statements == []
+
+
+def test_a_lost_cache_version_does_not_revive_a_deleted_key(app, make_key):
+    """Redis lost the version (a restart): the next version never matches an older cached one."""
+    from bellaq.services import Services
+
+    headers = make_key("user")
+    client = app.test_client()
+    assert client.get("/v1/queue/task_none", headers=headers).status_code == 404
+    svc: Services = app.extensions["bellaq"]
+    svc.redis.delete(svc.key("keys", "version"))
+    key_id = client.get("/v1/keys", headers=auth(ADMIN)).json["data"][0]["id"]
+    assert client.delete(f"/v1/keys/{key_id}", headers=auth(ADMIN)).status_code == 200
+    assert client.get("/v1/queue/task_none", headers=headers).status_code == 401

@@ -154,6 +154,7 @@ def test_nothing_half_written_when_redis_is_down(app, client, setup, monkeypatch
         raise ConnectionError("redis is down")
 
     monkeypatch.setattr(engine, "enqueue", down)
+    monkeypatch.setattr(engine, "enqueue_many", down)
     with app.app_context():
         before = db.session.query(Task).count()
     resp = client.post("/v1/queue/put", json=GOOD_PUT, headers=headers["user"])

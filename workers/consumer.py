@@ -11,7 +11,6 @@ completed the moment their answer arrives; the others are completed together in 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -26,16 +25,13 @@ from bellaq.eventbus import EventBus, progress_event
 from bellaq.extensions import db
 from bellaq.models import Queue
 from bellaq.services import Services, services
-from workers import leases
+from workers import announcements, leases
 from workers.celery_app import broker_prefix, celery, get_flask_app, level_queue
 from workers.upstream import UpstreamClient, UpstreamResult
 
 log = logging.getLogger(__name__)
 
 QUEUE_CACHE_S = 5.0
-MAX_MESSAGES_PER_ANNOUNCE = 256
-ANNOUNCED_CAP = 64
-ANNOUNCED_TTL_S = 60
 # A message drains its queue for at most this long, then re-announces and frees its Celery slot.
 DRAIN_BUDGET_S = 5.0
 
@@ -47,31 +43,11 @@ _broker: redis.Redis | None = None
 
 
 def announce(queue: str, level: int, count: int = 1) -> None:
-    """Send enough "work is ready" messages for ``count`` new tasks (work-ready listener).
-
-    Each message drains many tasks, so at most ``ANNOUNCED_CAP`` wait per queue level: a put
-    into a busy queue sends nothing. The count forgets itself every ``ANNOUNCED_TTL_S`` seconds,
-    so a message lost with a dead worker cannot silence a queue for long.
-    """
+    """Send the "work is ready" messages ``count`` new tasks call for (work-ready listener): none
+    while the queue level already has enough consumers announced (``workers.announcements``)."""
     svc = services()
-    wanted = min(max(1, math.ceil(count / svc.settings.worker_take_size)), MAX_MESSAGES_PER_ANNOUNCE)
-    key = svc.key("announced", queue, str(level))
-    pipe = svc.redis.pipeline(transaction=False)
-    pipe.set(key, 0, ex=ANNOUNCED_TTL_S, nx=True)
-    pipe.incrby(key, wanted)
-    outstanding = pipe.execute()[1]
-    send = max(0, min(wanted, ANNOUNCED_CAP - (outstanding - wanted)))
-    if send < wanted:
-        svc.redis.decrby(key, wanted - send)
-    for _ in range(send):
-        consume.apply_async((queue, level), queue=level_queue(level))
-
-
-def _received(queue: str, level: int, svc: Services) -> None:
-    """A consume message arrived: one fewer is waiting."""
-    key = svc.key("announced", queue, str(level))
-    if svc.redis.decr(key) < 0:
-        svc.redis.set(key, 0, ex=ANNOUNCED_TTL_S)
+    for token in announcements.claim(svc, queue, level, count):
+        consume.apply_async((queue, level, token), queue=level_queue(level))
 
 
 def queue_config(name: str) -> dict | None:
@@ -194,8 +170,8 @@ class _Drain:
     until the queue is empty, a limit says wait, the time budget is spent, or more urgent work
     waits."""
 
-    def __init__(self, queue: str, level: int, config: dict, svc: Services) -> None:
-        self.queue, self.level, self.config, self.svc = queue, level, config, svc
+    def __init__(self, queue: str, level: int, config: dict, svc: Services, token: str) -> None:
+        self.queue, self.level, self.config, self.svc, self.token = queue, level, config, svc, token
         self.slots = 1 if config["strategy"] == "sequential" else svc.settings.worker_take_size
         self.client = upstream_for(config, svc)
         self.bus: EventBus = get_flask_app().extensions["bellaq.eventbus"]
@@ -204,6 +180,8 @@ class _Drain:
         self.taken = 0
         self.again_in: float | None = None  # re-announce after this many seconds
         self.leased: list[str] = []  # renewed by this process's heartbeat until the run ends
+        self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
+        self.refreshed = 0.0  # the first take marks this consumer alive
 
     def refill(self, started: float) -> bool:
         """Take more work into free slots; False once nothing more should be taken."""
@@ -227,6 +205,16 @@ class _Drain:
         for task in taken:
             future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
             self.inflight[future] = task
+        # The requests run meanwhile: announcements are off their critical path.
+        if not self.recruited and len(taken) >= self.slots:
+            # A full take: the backlog may be deeper than this drain can keep up with.
+            self.recruited = True
+            token = announcements.recruit(self.svc, self.queue, self.level)
+            if token is not None:
+                consume.apply_async((self.queue, self.level, token), queue=level_queue(self.level))
+        if time.monotonic() - self.refreshed > announcements.REFRESH_S:
+            self.refreshed = time.monotonic()
+            announcements.alive(self.svc, self.queue, self.level, self.token)
         return True
 
     def collect(self) -> None:
@@ -252,36 +240,47 @@ class _Drain:
             self.finished = {}
 
     def again(self) -> None:
-        """Come back to this queue later (a counted message, like every announcement)."""
-        key = self.svc.key("announced", self.queue, str(self.level))
-        pipe = self.svc.redis.pipeline(transaction=False)
-        pipe.set(key, 0, ex=ANNOUNCED_TTL_S, nx=True)
-        pipe.incr(key)
-        pipe.execute()
-        consume.apply_async((self.queue, self.level), queue=level_queue(self.level), countdown=self.again_in)
+        """Come back to this queue later: the message keeps this consumer's token."""
+        assert self.again_in is not None
+        announcements.coming_back(self.svc, self.queue, self.level, self.token, self.again_in)
+        consume.apply_async((self.queue, self.level, self.token), queue=level_queue(self.level),
+                            countdown=self.again_in)
 
-    def run(self) -> int:
-        started = time.monotonic()
+    def drain(self, started: float) -> None:
         taking = self.refill(started)
         while self.inflight:
             self.collect()
             if taking and len(self.inflight) <= self.slots - max(1, self.slots // 4):
                 taking = self.refill(started)
         self.flush()
-        if self.again_in is not None:
-            self.again()
-        return self.taken
+
+    def run(self) -> int:
+        started = time.monotonic()
+        while True:
+            self.drain(started)
+            if self.again_in is not None:
+                self.again()
+                return self.taken
+            announcements.leave(self.svc, self.queue, self.level, self.token)
+            # A put that saw this consumer counted sent nothing: look once more after leaving.
+            if not self.refill(started):
+                if self.again_in is not None:
+                    self.again()
+                return self.taken
+            announcements.alive(self.svc, self.queue, self.level, self.token)
 
 
 @celery.task(name="bellaq.consume", ignore_result=True)
-def consume(queue: str, level: int) -> int:
-    """Take work of ``queue:level`` with the queue's strategy, run it, complete it."""
+def consume(queue: str, level: int, token: str | None = None) -> int:
+    """Take work of ``queue:level`` with the queue's strategy, run it, complete it. ``token``
+    names the message among the queue level's announced consumers (``workers.announcements``)."""
     svc = services()
-    _received(queue, level, svc)
+    token = token or announcements.new_token()
     config = queue_config(queue)
     if config is None or not config["builtin"]:
+        announcements.leave(svc, queue, level, token)
         return 0
-    drain = _Drain(queue, level, config, svc)
+    drain = _Drain(queue, level, config, svc, token)
     try:
         return drain.run()
     finally:

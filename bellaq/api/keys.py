@@ -6,10 +6,9 @@ from flask import Blueprint, jsonify
 
 from bellaq.api.openapi import operation
 from bellaq.auth import require
-from bellaq.clock import now_ms
-from bellaq.errors import BadRequest, NotFound
+from bellaq.errors import BadRequest
 from bellaq.extensions import db
-from bellaq.keys import create_key, owner_secret
+from bellaq.keys import create_key, delete_key, owner_secret
 from bellaq.models import ApiKey
 from bellaq.models.keys import ROLES
 from bellaq.validation import choice_field, field, json_body
@@ -51,9 +50,5 @@ def list_keys():
 @bp.delete("/<key_id>")
 @require("admin")
 def delete(key_id: str):
-    row = db.session.get(ApiKey, key_id)
-    if row is None or row.deleted_at is not None:
-        raise NotFound(f"No key with id '{key_id}'.", param="id", code="key_not_found")
-    row.deleted_at = now_ms()
-    db.session.commit()
+    delete_key(key_id)
     return jsonify({"id": key_id, "object": "api_key", "deleted": True})

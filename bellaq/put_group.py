@@ -1,0 +1,131 @@
+"""Group commit of puts: the puts that arrive in one process while a write is under way are
+written together by the first of them, in one SQL transaction (one INSERT executemany, one
+commit), then handed to the engine in one round trip per queue level, then announced once per
+queue level. Each put still answers only after its own task is committed and takeable, and
+fails alone when its own part fails (the rows of a level whose enqueue failed are deleted, as a
+single put's would be). A lone put costs what it always did; under load, the commit and the
+Redis round trips are shared by every put waiting for them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+from redis.exceptions import RedisError
+from sqlalchemy import delete, insert
+from sqlalchemy.exc import IntegrityError
+
+from bellaq.errors import Unavailable
+from bellaq.extensions import db
+from bellaq.models import Task
+from bellaq.services import services
+
+MAX_GROUP = 256
+EXTENSION = "bellaq.put_group"
+
+
+@dataclass
+class PendingPut:
+    """One put's task row and what the engine needs of it."""
+
+    row: dict[str, Any]
+    payload: str
+    builtin: bool
+    score: int = field(default_factory=lambda: time.time_ns() // 1000)
+    done: bool = False
+    error: BaseException | None = None
+
+
+class PutGroup:
+    """Per process (and app): puts waiting to be written, and whether a write is under way."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: list[PendingPut] = []
+        self._writing = False
+
+    def submit(self, item: PendingPut) -> None:
+        """Write ``item`` (with whatever else is waiting); raises what failed for it."""
+        with self._cond:
+            self._pending.append(item)
+        while True:
+            with self._cond:
+                while not item.done and self._writing:
+                    self._cond.wait()
+                if item.done:
+                    break
+                group = self._pending[:MAX_GROUP]
+                del self._pending[:MAX_GROUP]
+                self._writing = True
+            try:
+                _write(group)
+            except BaseException as err:  # noqa: BLE001 - handed to every put of the group
+                for other in group:
+                    other.error = other.error or err
+            finally:
+                with self._cond:
+                    for other in group:
+                        other.done = True
+                    self._writing = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+
+
+def put_group() -> PutGroup:
+    group = current_app.extensions.get(EXTENSION)
+    if group is None:
+        group = current_app.extensions.setdefault(EXTENSION, PutGroup())
+    return group
+
+
+def _insert(group: list[PendingPut]) -> list[PendingPut]:
+    """Commit the rows; returns the puts whose row was written (the rest carry their error)."""
+    table = Task.__table__
+    try:
+        db.session.execute(insert(table), [p.row for p in group])
+        db.session.commit()
+        return group
+    except IntegrityError:
+        db.session.rollback()
+        if len(group) == 1:
+            raise
+    written = []
+    for p in group:  # one bad row must not fail the others
+        try:
+            db.session.execute(insert(table), [p.row])
+            db.session.commit()
+            written.append(p)
+        except IntegrityError as err:
+            db.session.rollback()
+            p.error = err
+    return written
+
+
+def _write(group: list[PendingPut]) -> None:
+    svc = services()
+    by_level: dict[tuple[str, int], list[PendingPut]] = defaultdict(list)
+    for p in _insert(group):
+        by_level[(p.row["queue"], p.row["level"])].append(p)
+    table = Task.__table__
+    for (queue, level), puts in by_level.items():
+        try:
+            svc.engine.enqueue_many(queue, level, [(p.row["id"], p.payload, p.score) for p in puts])
+        except RedisError:
+            # The engine never saw them: take the rows back so nothing half-written remains.
+            db.session.execute(delete(table).where(table.c.id.in_([p.row["id"] for p in puts])))
+            db.session.commit()
+            for p in puts:
+                p.error = Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.")
+            continue
+        if puts[0].builtin:
+            try:
+                svc.work_ready(queue, level, len(puts))
+            except Exception as err:  # noqa: BLE001 - each put of the level answers it, as alone
+                for p in puts:
+                    p.error = err

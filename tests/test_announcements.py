@@ -1,0 +1,106 @@
+""""Work is ready" messages: one per queue level while a consumer is announced, more for a backlog."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import wait_for
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def broker(app, settings):
+    """The Redis list of Celery queue bellaq.l0, with Celery bound to this app."""
+    from workers.celery_app import bind, broker_prefix, level_queue
+
+    bind(app)
+    svc = app.extensions["bellaq"]
+    return lambda: svc.redis.llen(f"{broker_prefix(settings)}{level_queue(0)}")
+
+
+def _register(client, admin, queue):
+    resp = client.post("/v1/queue/register", json={"queue": queue, "endpoint": CHAT, "builtin": True},
+                       headers=admin)
+    assert resp.status_code == 200, resp.json
+
+
+def _put(client, user, queue, n):
+    for i in range(n):
+        resp = client.post("/v1/queue/put", headers=user, json={
+            "endpoint": CHAT, "queue": queue, "callback_url": "http://127.0.0.1:9/cb",
+            "data": {"model": "mock-1", "messages": [{"role": "user", "content": f"t{i}"}]}})
+        assert resp.status_code == 200, resp.json
+
+
+def test_puts_into_an_announced_queue_send_one_message(app, client, admin, user, broker):
+    _register(client, admin, "ann")
+    _put(client, user, "ann", 40)
+    assert broker() == 1
+
+
+def test_a_backlog_announced_at_once_gets_a_consumer_per_take(app, broker):
+    from workers.consumer import announce
+
+    with app.app_context():
+        announce("big", 0, 100)  # 100 tasks, takes of 32
+        assert broker() == 4
+        announce("big", 0, 100)  # already enough consumers announced
+        assert broker() == 4
+
+
+def test_a_lost_announcement_stops_counting_on_its_own(app, client, admin, user, broker):
+    import time
+
+    from workers import announcements
+
+    _register(client, admin, "lost")
+    _put(client, user, "lost", 1)
+    svc = app.extensions["bellaq"]
+    key = announcements.key(svc, "lost", 0)
+    [(token, score)] = svc.redis.zrange(key, 0, -1, withscores=True)
+    assert time.time() < score <= time.time() + announcements.WAIT_S
+    svc.redis.delete(svc.key("celery", "bellaq.l0"))  # the message is lost with its worker
+    _put(client, user, "lost", 1)
+    assert broker() == 0  # still presumed on its way
+    svc.redis.zadd(key, {token: time.time() - 1})  # ... until WAIT_S has passed
+    _put(client, user, "lost", 1)
+    assert broker() == 1
+
+
+def test_a_dead_consumer_stops_counting_while_others_drain(app, broker):
+    """Each consumer keeps only itself alive: one killed mid-drain is presumed dead within LIVE_S."""
+    import time
+
+    from workers import announcements
+    from workers.consumer import announce
+
+    svc = app.extensions["bellaq"]
+    with app.app_context():
+        announcements.alive(svc, "two", 0, "survivor")
+        announcements.alive(svc, "two", 0, "victim")
+        svc.redis.zadd(announcements.key(svc, "two", 0), {"victim": time.time() - 1})  # LIVE_S passed
+        announcements.alive(svc, "two", 0, "survivor")  # the survivor's refresh keeps only itself
+        assert announcements.live(svc, "two", 0) == 1
+        announcements.leave(svc, "two", 0, "survivor")
+        announce("two", 0, 1)
+        assert broker() == 1
+
+
+def test_a_backlog_is_drained_by_recruited_consumers(app, client, admin, user, broker, celery_worker):
+    """40 puts send one message; its drain recruits helpers; every task ends and the count goes."""
+    _register(client, admin, "drain")
+    _put(client, user, "drain", 40)
+    svc = app.extensions["bellaq"]
+
+    def all_done():
+        stats = client.get("/v1/queue/drain:0/stats", headers=admin).json
+        return stats["done"] + stats["failed"] == 40
+
+    wait_for(all_done, message="40 tasks to end")
+    from workers import announcements
+
+    wait_for(lambda: announcements.live(svc, "drain", 0) == 0, message="every consumer to leave")
+    _put(client, user, "drain", 1)  # an idle queue is announced again at once
+    wait_for(lambda: client.get("/v1/queue/drain:0/stats", headers=admin).json["done"] == 41,
+             message="the next put to run")

@@ -1,0 +1,114 @@
+"""Which consumers of a built-in queue level are announced: "work is ready" messages waiting in
+Celery and consumers draining, each a member of one Redis sorted set,
+``<prefix>:announced:<queue>:<level>``, scored by when it is presumed lost.
+
+A consumer drains its queue until it is empty, so a put into a queue level that already has a
+live member sends nothing: one ZCOUNT. A message is a member from its announcement (for
+``WAIT_S``) and then, under the same token, its consumer until the end of the drain (kept
+alive every ``REFRESH_S``, for ``LIVE_S``); so a message or a consumer lost with a killed worker
+stops counting on its own within seconds, whatever the others do. A drain that found a full take
+recruits one more consumer (up to ``CAP``), so a backlog spreads over the worker pool in a few
+steps. A drain that ends with its queue empty leaves the set and then looks at the engine once
+more, re-joining if a put slipped in between (the put enqueued before it counted, so one of the
+two sees the other). Beat's engine check re-announces waiting work as well.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from typing import Any
+
+from bellaq.services import Services
+
+CAP = 64  # consumers announced per queue level at most
+MAX_PER_CALL = 256
+WAIT_S = 30.0  # a message not received within this is presumed lost
+LIVE_S = 10.0  # a draining consumer not heard of within this is presumed dead
+REFRESH_S = 3.0
+KEY_TTL_S = 3600
+
+
+def key(svc: Services, queue: str, level: int) -> str:
+    return svc.key("announced", queue, str(level))
+
+
+def live(svc: Services, queue: str, level: int) -> int:
+    """How many consumers are announced and presumed alive."""
+    return svc.redis.zcount(key(svc, queue, level), time.time(), "+inf")
+
+
+def wanted(svc: Services, count: int) -> int:
+    """How many consumers ``count`` new tasks call for."""
+    return min(max(1, math.ceil(count / svc.settings.worker_take_size)), MAX_PER_CALL, CAP)
+
+
+def _add(svc: Services, queue: str, level: int, tokens: list[str], alive_for: float) -> None:
+    k = key(svc, queue, level)
+    now = time.time()
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.zremrangebyscore(k, "-inf", now)
+    pipe.zadd(k, {t: now + alive_for for t in tokens})
+    pipe.expire(k, KEY_TTL_S)
+    pipe.execute()
+
+
+# KEYS: the set. ARGV: now, seconds a message lives, key TTL, then the tokens offered; adds as
+# many of them as bring the live members up to the number offered, and returns those.
+_CLAIM = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local live = redis.call('ZCARD', KEYS[1])
+local out = {}
+for i = 4 + live, #ARGV do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
+  out[#out + 1] = ARGV[i]
+end
+if #out > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return out
+"""
+_scripts: dict[int, Any] = {}
+
+
+def claim(svc: Services, queue: str, level: int, count: int) -> list[str]:
+    """Tokens of the messages to send for ``count`` new tasks (already counted): enough that at
+    least ``wanted(count)`` consumers are announced. One round trip."""
+    script = _scripts.get(id(svc.redis))
+    if script is None:
+        script = _scripts[id(svc.redis)] = svc.redis.register_script(_CLAIM)
+    tokens = [new_token() for _ in range(wanted(svc, count))]
+    added = script(keys=[key(svc, queue, level)], args=[time.time(), WAIT_S, KEY_TTL_S, *tokens])
+    return [t.decode() if isinstance(t, bytes) else t for t in added]
+
+
+def recruit(svc: Services, queue: str, level: int) -> str | None:
+    """The token of one more consumer's message if fewer than ``CAP`` are announced."""
+    if live(svc, queue, level) >= CAP:
+        return None
+    token = new_token()
+    _add(svc, queue, level, [token], WAIT_S)
+    return token
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def alive(svc: Services, queue: str, level: int, token: str) -> None:
+    """The consumer ``token`` drains (received, refreshed, or back after leaving)."""
+    k = key(svc, queue, level)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.zadd(k, {token: time.time() + LIVE_S})
+    pipe.expire(k, KEY_TTL_S)
+    pipe.execute()
+
+
+def coming_back(svc: Services, queue: str, level: int, token: str, countdown: float) -> None:
+    """The consumer ``token`` sent itself a message due in ``countdown`` seconds."""
+    svc.redis.zadd(key(svc, queue, level), {token: time.time() + countdown + WAIT_S})
+
+
+def leave(svc: Services, queue: str, level: int, token: str) -> None:
+    """The consumer ``token`` ended its drain."""
+    svc.redis.zrem(key(svc, queue, level), token)
