@@ -10,12 +10,14 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
 from sqlalchemy import bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
+from bellaq import token_cost
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, Conflict, NotFound, Unavailable, error_body
 from bellaq.extensions import db
@@ -33,8 +35,8 @@ from bellaq.models.tasks import (
     TIMEOUT,
     WAITING,
 )
-from bellaq.queue_engine import STRATEGIES, TakenTask
-from bellaq.queues import check_endpoint, full_queue, resolve_queue
+from bellaq.queue_engine import STRATEGIES, Completion, TakenTask
+from bellaq.queues import check_endpoint, full_queue, push_all_limits, resolve_queue
 from bellaq.services import services
 from bellaq.urlguard import UnsafeURL, check_callback_url
 from bellaq.validation import choice_field, field, int_field
@@ -64,6 +66,11 @@ def task_payload(task: Task) -> str:
         "start_time": task.start_time,
         "expire_time": task.expire_time,
     })
+
+
+def queue_cost(queue: Queue, endpoint: str, data: dict[str, Any]) -> int:
+    """The tokens a task of ``queue`` is charged at take: its estimate under a ``tpm`` limit, else 0."""
+    return token_cost.estimate(endpoint, data, queue.default_max_tokens) if queue.tpm else 0
 
 
 def error_result(status_code: int, message: str, code: str, kind: str = "invalid_request_error") -> dict:
@@ -123,7 +130,8 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
     db.session.add(task)
     db.session.commit()
     try:
-        svc.engine.enqueue(queue.name, level, task.id, payload, score=time.time_ns() // 1000)
+        svc.engine.enqueue(queue.name, level, task.id, payload, score=time.time_ns() // 1000,
+                           cost=queue_cost(queue, endpoint, data))
     except RedisError:
         # The engine never saw it: take the row back so nothing half-written remains.
         db.session.execute(db.delete(Task).where(Task.id == task.id))
@@ -228,7 +236,8 @@ def complete(task_id: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def complete_task(task: Task, result: dict[str, Any]) -> dict[str, Any]:
     ok = 200 <= result["status_code"] < 300
-    outcome = services().engine.complete(task.queue, task.level, task.id, failed=not ok)
+    outcome = services().engine.complete(task.queue, task.level, task.id, failed=not ok,
+                                         tokens=token_cost.used(result))
     if outcome == "completed":
         finish([task], SUCCEEDED if ok else FAILED, result)
         return {"task_id": task.id, "completed": True, "status": task.status}
@@ -250,7 +259,8 @@ def complete_many(results: dict[str, dict[str, Any]]) -> int:
         return 0
     rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
     oks = [200 <= results[t.id]["status_code"] < 300 for t in rows]
-    items = [(t.queue, t.level, t.id, not ok) for t, ok in zip(rows, oks, strict=True)]
+    items = [Completion(t.queue, t.level, t.id, not ok, tokens=token_cost.used(results[t.id]))
+             for t, ok in zip(rows, oks, strict=True)]
     outcomes = services().engine.complete_many(items)
     by_status: dict[str, list[Task]] = defaultdict(list)
     for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
@@ -302,6 +312,23 @@ def take(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo", p
     return mark_taken(taken)
 
 
+@dataclass(frozen=True)
+class Taken:
+    """What :func:`take_within_limits` leased, and when to ask again if a limit held work back."""
+
+    tasks: list[dict[str, Any]]
+    retry_s: float | None  # a rate limit or pause may let work through then; None: no such hint
+    limited: tuple[str, ...]  # 'paused', 'in_flight', 'rpm', 'tpm': the limits that stopped the take
+
+
+def take_within_limits(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo",
+                       process_timeout: float = 300, max_retries: int = 3) -> Taken:
+    """:func:`take`, also saying whether the queue's limits held work back and until when."""
+    hinted = services().engine.take_with_hint(queues, size, strategy, process_timeout, max_retries)
+    retry_s = None if hinted.retry_ms is None else hinted.retry_ms / 1000
+    return Taken(mark_taken(hinted.tasks), retry_s, hinted.limited)
+
+
 def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
     now = now_ms()
     out: list[dict[str, Any]] = []
@@ -349,6 +376,8 @@ def reap(now: int | None = None) -> dict[str, int]:
             requeued += len(res.requeued)
             if queue in builtin:
                 svc.work_ready(queue, level, len(res.requeued))
+        if res.promoted and queue in builtin:
+            svc.work_ready(queue, level, len(res.promoted))
         if res.failed:
             tasks = db.session.execute(db.select(Task).where(Task.id.in_(res.failed))).scalars().all()
             for task in tasks:
@@ -372,7 +401,9 @@ def recover(chunk: int = 2000) -> int:
     svc = services()
     added = 0
     ready: dict[tuple[str, int], int] = defaultdict(int)
-    builtin = {q.name for q in db.session.execute(db.select(Queue).where(Queue.builtin.is_(True))).scalars()}
+    push_all_limits()
+    queues = {q.name: q for q in db.session.execute(db.select(Queue)).scalars()}
+    builtin = {name for name, q in queues.items() if q.builtin}
     last = ("", 0)
     while True:
         rows = db.session.execute(
@@ -389,6 +420,8 @@ def recover(chunk: int = 2000) -> int:
             n = svc.engine.enqueue_many(
                 queue, level, [(t.id, task_payload(t), t.start_time * 1000) for t in tasks],
                 attempts={t.id: t.attempts for t in tasks},
+                costs={t.id: queue_cost(queues[queue], t.endpoint, json.loads(t.data))
+                       for t in tasks if queue in queues and queues[queue].tpm},
             )
             added += n
             if n and queue in builtin:

@@ -6,6 +6,12 @@ One message may lease several tasks (``BELLAQ_WORKER_TAKE_SIZE``); they run conc
 threads (greenlets under the gevent pool), so a worker process keeps
 ``concurrency x take size`` upstream requests in flight. Online tasks (blocking, streaming) are
 completed the moment their answer arrives; the others are completed together in one bulk write.
+
+The queue's limits (``rpm``, ``tpm``, ``max_in_flight``, pauses) are the engine's: a take that a
+limit holds back says when to ask again, and the consumer comes back then (re-announcing itself
+with a countdown when nothing of its own runs). Each request is sent once; a transient answer
+goes back to the engine as a delayed task and its signals may pause the queue
+(:mod:`bellaq.retries`).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from bellaq import retries
 from bellaq import tasks as task_service
 from bellaq.clock import now_ms
 from bellaq.eventbus import EventBus, progress_event
@@ -37,6 +45,8 @@ ANNOUNCED_CAP = 64
 ANNOUNCED_TTL_S = 60
 # A message drains its queue for at most this long, then re-announces and frees its Celery slot.
 DRAIN_BUDGET_S = 5.0
+# With only max_in_flight holding work back (a slot frees when another taker's lease ends), look again after this.
+IN_FLIGHT_RECHECK_S = 0.2
 
 _queue_cache: dict[str, tuple[float, dict | None]] = {}
 _clients: dict[tuple[str, str | None], UpstreamClient] = {}
@@ -95,7 +105,7 @@ def upstream_for(config: dict, svc: Services) -> UpstreamClient | None:
         client = _clients.get((base_url, api_key))
         if client is None:
             client = _clients[(base_url, api_key)] = UpstreamClient(
-                base_url, api_key, timeout=svc.settings.upstream_timeout)
+                base_url, api_key, timeout=svc.settings.upstream_timeout, max_attempts=1)
     return client
 
 
@@ -107,71 +117,52 @@ def executor() -> ThreadPoolExecutor:
     return _executor
 
 
-def _rpm_allows(config: dict, queue: str, size: int, svc: Services) -> tuple[int, float]:
-    """How many tasks the queue's requests-per-minute limit lets us take, and when to look again."""
-    if not config.get("rpm"):
-        return size, 0.0
-    used = int(svc.redis.get(svc.key("rpm", queue, str(int(time.time() // 60)))) or 0)
-    size = min(size, config["rpm"] - used)
-    if size <= 0:
-        return 0, 60 - time.time() % 60 + 0.05
-    return size, 0.0
-
-
-def _take(config: dict, queue: str, level: int, size: int, svc: Services) -> list[dict] | None:
-    """Lease up to ``size`` tasks; None when ``max_in_flight`` tasks already run."""
-
-    def take(n: int) -> list[dict]:
-        return task_service.take([(queue, level)], n, config["strategy"], svc.settings.default_process_timeout,
-                                 svc.settings.default_max_retries)
-
-    limit = config.get("max_in_flight")
-    if not limit:
-        return take(size)
-    # Counting the running tasks and leasing more must be one step across all consumers.
-    with svc.redis.lock(svc.key("inflight", queue, str(level)), timeout=10, blocking_timeout=10):
-        free = limit - svc.engine.stats(queue, level).running
-        return take(min(size, free)) if free > 0 else None
-
-
-def _count_rpm(queue: str, n: int, svc: Services) -> None:
-    key = svc.key("rpm", queue, str(int(time.time() // 60)))
-    pipe = svc.redis.pipeline()
-    pipe.incrby(key, n)
-    pipe.expire(key, 120)
-    pipe.execute()
-
-
 def error_result(status_code: int, message: str, code: str) -> dict[str, Any]:
     return task_service.error_result(status_code, message, code, "upstream_error")
 
 
-def run_request(task: dict, client: UpstreamClient | None, bus: EventBus, upstream_timeout: float) -> dict:
-    """Call the upstream for one task; streaming tasks forward each chunk as a progress event."""
+@dataclass
+class Outcome:
+    """What one upstream call gave: the task's result, the upstream's signals, and whether a
+    transient answer may be tried again (not after a stream already reached its client)."""
+
+    result: dict
+    retry_after: float | None = None
+    limit_wait: float | None = None
+    retryable: bool = True
+
+
+def run_request(task: dict, client: UpstreamClient | None, bus: EventBus, upstream_timeout: float) -> Outcome:
+    """Call the upstream once for one task; streaming tasks forward each chunk as a progress event."""
     if client is None:
-        return error_result(502, f"No upstream is configured for queue '{task['queue']}': register it with "
-                                 "upstream.base_url or set BELLAQ_UPSTREAM_BASE_URL.", "no_upstream")
+        return Outcome(error_result(502, f"No upstream is configured for queue '{task['queue']}': register it "
+                                         "with upstream.base_url or set BELLAQ_UPSTREAM_BASE_URL.", "no_upstream"),
+                       retryable=False)
     deadline = time.monotonic() + upstream_timeout
     if task.get("expire_time") and not task.get("batch_id"):
         deadline = min(deadline, time.monotonic() + max(0.0, (task["expire_time"] - now_ms()) / 1000))
     data = task["data"]
     streaming = task["response_mode"] == "streaming" or data.get("stream") is True
     if not streaming:
-        return _as_result(client.call(task["endpoint"], data, deadline))
+        return _outcome(client.call(task["endpoint"], data, deadline), True)
     if task["response_mode"] == "streaming" and data.get("stream") is not True:
         data = dict(data, stream=True)
     final: UpstreamResult | None = None
+    sent = False
     for n, event in enumerate(client.stream(task["endpoint"], data, deadline)):
-        if event.kind == "chunk" and task.get("instance_id"):
-            bus.publish(task["instance_id"], [progress_event(task["task_id"], str(n), "chunk", event.data)])
+        if event.kind == "chunk":
+            sent = True
+            if task.get("instance_id"):
+                bus.publish(task["instance_id"], [progress_event(task["task_id"], str(n), "chunk", event.data)])
         elif event.kind == "done":
             final = event.result
     assert final is not None
-    return _as_result(final)
+    return _outcome(final, not sent)
 
 
-def _as_result(result: UpstreamResult) -> dict:
-    return {"status_code": result.status_code, "request_id": result.request_id, "body": result.body}
+def _outcome(result: UpstreamResult, retryable: bool) -> Outcome:
+    return Outcome({"status_code": result.status_code, "request_id": result.request_id, "body": result.body},
+                   result.retry_after, result.limit_wait, retryable)
 
 
 def _higher_levels_waiting(level: int, svc: Services) -> bool:
@@ -190,8 +181,8 @@ def _higher_levels_waiting(level: int, svc: Services) -> bool:
 
 class _Drain:
     """One consume message's run: keeps up to ``slots`` tasks in flight, refilling as they end,
-    until the queue is empty, a limit says wait, the time budget is spent, or more urgent work
-    waits."""
+    until the queue is empty, a limit says wait while nothing runs, the time budget is spent, or
+    more urgent work waits. Transient answers go back to the engine as delayed tasks."""
 
     def __init__(self, queue: str, level: int, config: dict, svc: Services) -> None:
         self.queue, self.level, self.config, self.svc = queue, level, config, svc
@@ -201,42 +192,71 @@ class _Drain:
         self.inflight: dict[Future, dict] = {}
         self.finished: dict[str, dict] = {}  # non-online results, completed together
         self.taken = 0
+        self.taking = True
+        self.resume_at: float | None = None  # a limit held work back until then (monotonic)
+        self.again_at: float | None = None  # re-announce at this time (monotonic)
         self.again_in: float | None = None  # re-announce after this many seconds
 
-    def refill(self, started: float) -> bool:
-        """Take more work into free slots; False once nothing more should be taken."""
-        if time.monotonic() - started > DRAIN_BUDGET_S or _higher_levels_waiting(self.level, self.svc):
-            self.again_in = 0.0
-            return False
+    def come_back(self, at: float) -> None:
+        self.again_at = at if self.again_at is None else min(self.again_at, at)
+
+    def refill(self, started: float) -> None:
+        """Take more work into free slots, within the queue's limits (one engine call)."""
+        now = time.monotonic()
+        self.resume_at = None
+        if now - started > DRAIN_BUDGET_S or _higher_levels_waiting(self.level, self.svc):
+            self.come_back(now)
+            self.taking = False
+            return
         if self.config["strategy"] == "sequential":
             self.flush()  # its slot frees only once the running task is completed
-        want, retry_in = _rpm_allows(self.config, self.queue, self.slots - len(self.inflight), self.svc)
-        taken = _take(self.config, self.queue, self.level, want, self.svc) if want > 0 else None
-        if taken is None:
-            self.again_in = retry_in or 0.5
-            return False
-        if not taken:
-            return False
-        if self.config.get("rpm"):
-            _count_rpm(self.queue, len(taken), self.svc)
-        self.taken += len(taken)
-        for task in taken:
+        got = task_service.take_within_limits([(self.queue, self.level)], self.slots - len(self.inflight),
+                                              self.config["strategy"], self.svc.settings.default_process_timeout,
+                                              self.svc.settings.default_max_retries)
+        self.taken += len(got.tasks)
+        for task in got.tasks:
             future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
             self.inflight[future] = task
-        return True
+        if got.limited:
+            if got.retry_s is not None:
+                self.resume_at = now + got.retry_s
+            elif self.finished:
+                self.flush()  # our own answered tasks still hold in-flight slots
+                self.resume_at = now
+            elif not self.inflight:
+                self.come_back(now + IN_FLIGHT_RECHECK_S)
+                self.taking = False
+        elif not got.tasks:
+            self.taking = False
 
-    def collect(self) -> None:
-        """Wait for at least one request to end; online answers are completed at once."""
-        done, _ = wait(list(self.inflight), return_when=FIRST_COMPLETED)
+    def collect(self, timeout: float | None) -> None:
+        """Wait for at least one request to end (or ``timeout``); online answers are completed at
+        once, transient answers are delayed for a retry."""
+        done, _ = wait(list(self.inflight), timeout=timeout, return_when=FIRST_COMPLETED)
         online: dict[str, dict] = {}
+        later: list[retries.Retry] = []
         for future in done:
             task = self.inflight.pop(future)
             try:
-                result = future.result()
+                outcome = future.result()
             except Exception as err:  # noqa: BLE001 - a bug must not strand the task: record it
                 log.exception("task %s failed in the worker", task["task_id"])
-                result = error_result(500, f"The worker failed: {type(err).__name__}: {err}", "worker_error")
-            (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = result
+                outcome = Outcome(error_result(500, f"The worker failed: {type(err).__name__}: {err}",
+                                               "worker_error"), retryable=False)
+            status = outcome.result["status_code"]
+            paused = retries.pause_for_signals(self.queue, status, outcome.retry_after, outcome.limit_wait,
+                                               int(task.get("attempts") or 1))
+            if outcome.retryable and retries.is_transient(status):
+                later.append(retries.Retry(task, outcome.result, outcome.retry_after or paused))
+                continue
+            (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = outcome.result
+        if later:
+            due_s, ending = retries.retry_later(later)
+            if due_s is not None:
+                self.come_back(time.monotonic() + due_s)
+            for task in (r.task for r in later if r.task["task_id"] in ending):
+                (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = \
+                    ending[task["task_id"]]
         if online:
             task_service.complete_many(online)
         if len(self.finished) >= self.slots:
@@ -258,13 +278,25 @@ class _Drain:
 
     def run(self) -> int:
         started = time.monotonic()
-        taking = self.refill(started)
-        while self.inflight:
-            self.collect()
-            if taking and len(self.inflight) <= self.slots - max(1, self.slots // 4):
-                taking = self.refill(started)
+        low_water = self.slots - max(1, self.slots // 4)
+        self.refill(started)
+        while self.inflight or self.taking:
+            if not self.inflight:
+                if self.resume_at is None:
+                    self.refill(started)  # the limit freed a slot or the take was cut short
+                    if not self.inflight:
+                        continue
+                else:
+                    self.come_back(self.resume_at)  # only a limit holds us: free the slot meanwhile
+                    break
+            wait_s = None if self.resume_at is None else max(0.0, self.resume_at - time.monotonic())
+            self.collect(wait_s if self.taking else None)
+            ready = self.resume_at is None or time.monotonic() >= self.resume_at
+            if self.taking and ready and (self.resume_at is not None or len(self.inflight) <= low_water):
+                self.refill(started)
         self.flush()
-        if self.again_in is not None:
+        if self.again_at is not None:
+            self.again_in = max(0.0, self.again_at - time.monotonic())
             self.again()
         return self.taken
 
