@@ -57,6 +57,13 @@ def default_queue_name(endpoint: str, model: Any) -> str:
     return name[:64] or "default"
 
 
+def _limit(body: dict[str, Any], name: str, existing: Queue | None, maximum: int) -> int | None:
+    """A limit field of a registration: left out keeps the current value, null lifts it."""
+    if name in body and body[name] is None:
+        return None
+    return int_field(body, name, getattr(existing, name) if existing else None, 1, maximum)
+
+
 def register(body: dict[str, Any]) -> Queue:
     name = check_queue_name(field(body, "queue", str))
     existing = db.session.get(Queue, name)
@@ -65,11 +72,10 @@ def register(body: dict[str, Any]) -> Queue:
     builtin = field(body, "builtin", bool, existing.builtin if existing else True)
     strategy = choice_field(body, "strategy", STRATEGIES, existing.strategy if existing else "fifo")
     upstream = field(body, "upstream", dict, None)
-    max_in_flight = int_field(body, "max_in_flight", existing.max_in_flight if existing else None, 1, 1_000_000)
-    rpm = int_field(body, "rpm", existing.rpm if existing else None, 1, 100_000_000)
-    tpm = int_field(body, "tpm", existing.tpm if existing else None, 1, 1_000_000_000)
-    default_max_tokens = int_field(body, "default_max_tokens", existing.default_max_tokens if existing else None,
-                                   1, 10_000_000)
+    max_in_flight = _limit(body, "max_in_flight", existing, 1_000_000)
+    rpm = _limit(body, "rpm", existing, 100_000_000)
+    tpm = _limit(body, "tpm", existing, 1_000_000_000)
+    default_max_tokens = _limit(body, "default_max_tokens", existing, 10_000_000)
     base_url = existing.upstream_base_url if existing else None
     key_env = existing.upstream_api_key_env if existing else None
     if upstream is not None:

@@ -68,9 +68,9 @@ def task_payload(task: Task) -> str:
     })
 
 
-def queue_cost(queue: Queue, endpoint: str, data: dict[str, Any]) -> int:
-    """The tokens a task of ``queue`` is charged at take: its estimate under a ``tpm`` limit, else 0."""
-    return token_cost.estimate(endpoint, data, queue.default_max_tokens) if queue.tpm else 0
+def queue_cost(queue: Queue | None, endpoint: str, data: dict[str, Any]) -> int:
+    """The tokens a task of ``queue`` is charged at take under a ``tpm`` limit (see token_cost)."""
+    return token_cost.estimate(endpoint, data, queue.default_max_tokens if queue else None)
 
 
 def error_result(status_code: int, message: str, code: str, kind: str = "invalid_request_error") -> dict:
@@ -420,8 +420,7 @@ def recover(chunk: int = 2000) -> int:
             n = svc.engine.enqueue_many(
                 queue, level, [(t.id, task_payload(t), t.start_time * 1000) for t in tasks],
                 attempts={t.id: t.attempts for t in tasks},
-                costs={t.id: queue_cost(queues[queue], t.endpoint, json.loads(t.data))
-                       for t in tasks if queue in queues and queues[queue].tpm},
+                costs={t.id: queue_cost(queues.get(queue), t.endpoint, json.loads(t.data)) for t in tasks},
             )
             added += n
             if n and queue in builtin:

@@ -334,8 +334,7 @@ def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: b
     # task_payload only reads attributes: a plain namespace per row is enough (and much cheaper).
     items = [(row["id"], task_payload(SimpleNamespace(**row)), base_score + first_index + i)  # type: ignore[arg-type]
              for i, row in enumerate(rows)]
-    costs = ({row["id"]: queue_cost(queue, batch.endpoint, json.loads(row["data"])) for row in rows}
-             if queue is not None and queue.tpm else None)
+    costs = {row["id"]: queue_cost(queue, batch.endpoint, json.loads(row["data"])) for row in rows}
     added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL, items, costs=costs)
     metrics.tasks_put(batch.queue, BATCH_LEVEL, added)
     if builtin:
@@ -365,8 +364,7 @@ def _reenqueue_waiting(batch: Batch, builtin: bool) -> None:
         if not rows:
             return
         queue = db.session.get(Queue, batch.queue)
-        costs = ({t.id: queue_cost(queue, t.endpoint, json.loads(t.data)) for t in rows}
-                 if queue is not None and queue.tpm else None)
+        costs = {t.id: queue_cost(queue, t.endpoint, json.loads(t.data)) for t in rows}
         added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL,
                                         [(t.id, task_payload(t), t.start_time * 1000) for t in rows], costs=costs)
         metrics.tasks_put(batch.queue, BATCH_LEVEL, added)
