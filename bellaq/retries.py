@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, or_, update
 
 from bellaq import token_cost
 from bellaq.clock import now_ms
@@ -97,7 +97,8 @@ def retry_later(retries: Sequence[Retry]) -> tuple[float | None, dict[str, dict[
     if delays:
         table = Task.__table__
         db.session.execute(
-            update(table).where(table.c.id == bindparam("tid"), table.c.status.in_(OPEN_STATUSES))
+            update(table).where(table.c.id == bindparam("tid"),
+                                or_(*(table.c.status == status for status in OPEN_STATUSES)))
             .values(status=WAITING, last_status_code=bindparam("code")),
             [{"tid": r.task["task_id"], "code": r.result["status_code"]} for r, _ in delays])
         db.session.commit()
