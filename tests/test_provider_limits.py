@@ -192,3 +192,74 @@ def test_tasks_waiting_out_a_retry_after_hold_no_worker(app, client, admin, user
     assert task["status"] == "succeeded" and task["attempts"] == 1
     stats = client.get("/v1/queue/lim:0/stats", headers=user).json
     assert stats["waiting"] + stats["delayed"] == 1000 and stats["done"] == 0
+
+
+@pytest.mark.slow
+def test_tpm_holds_the_tokens_per_window_and_is_corrected_to_the_reported_usage(client, admin, user, celery_worker,
+                                                                                mock_upstream):
+    register(client, admin, tpm=6_000)  # 100 tokens a second, a bucket of 100
+    prompt = "a " * 20  # 10 prompt tokens; the mock answers 21 words: usage 31, estimate 10 + 40
+    ids = [put(client, user, content=prompt, max_tokens=40) for _ in range(30)]
+    tasks = [wait_for(lambda t=task_id: ended(client, user, t), timeout=60) for task_id in ids]
+    assert {t["status"] for t in tasks} == {"succeeded"} and mock_upstream.request_count == 30
+    used = sum(t["result"]["body"]["usage"]["total_tokens"] for t in tasks)
+    assert used == 30 * 31
+    limits = client.get("/v1/queue/lim:0/stats", headers=user).json["limits"]
+    assert (limits["window_requests"], limits["window_tokens"]) == (30, used)  # the estimates were corrected
+    # what the upstream counted in any 5 s: 5 s of refill, the bucket, one request's jitter
+    assert mock_upstream.max_tokens_in_window(5.0) <= 500 + 100 + 50
+
+
+@pytest.mark.slow
+def test_two_worker_processes_and_an_http_taker_share_one_rpm(stack, mock_upstream):
+    import threading
+
+    import requests
+
+    from tests.conftest import ADMIN_KEY, auth
+
+    admin = auth(ADMIN_KEY)
+    stack.start_web(workers=1)
+    stack.start_worker(concurrency=4)
+    stack.start_worker(concurrency=4)
+
+    def key(role):
+        return auth(requests.post(f"{stack.url}/v1/keys", headers=admin, json={"role": role}, timeout=10)
+                    .json()["key"])
+
+    user, worker = key("user"), key("worker")
+    resp = requests.post(f"{stack.url}/v1/queue/register", headers=admin, timeout=10,
+                         json={"queue": "lim", "endpoint": CHAT, "rpm": 240})  # 4 a second, a bucket of 4
+    assert resp.status_code == 200
+    total = 110
+    for i in range(total):
+        requests.post(f"{stack.url}/v1/queue/put", headers=user, timeout=10, json={
+            "endpoint": CHAT, "queue": "lim", "callback_url": "http://127.0.0.1:9/cb",
+            "data": {"model": "mock-1", "messages": [{"role": "user", "content": f"n{i}"}]}}).raise_for_status()
+    external = []
+    stop = threading.Event()
+
+    def http_taker():
+        session = requests.Session()
+        while not stop.is_set():
+            got = session.post(f"{stack.url}/v1/queue/take", headers=worker, timeout=10,
+                               json={"queues": ["lim:0"], "size": 2}).json()["lim:0"]
+            for task in got:
+                answer = session.post(mock_upstream.url(CHAT), json=task["data"], timeout=10)
+                session.post(f"{stack.url}/v1/queue/{task['task_id']}/complete", headers=worker, timeout=10,
+                             json={"status_code": answer.status_code, "body": answer.json()}).raise_for_status()
+                external.append(task["task_id"])
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=http_taker, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: mock_upstream.request_count >= total, timeout=90, interval=0.5,
+                 message=f"all {total} requests to reach the upstream\n{stack.logs()}")
+    finally:
+        stop.set()
+        thread.join(15)
+    assert external, "the HTTP taker took nothing"
+    assert mock_upstream.request_count == total
+    # any 20 s: 20 s at 4 a second, plus the bucket of 4, plus one request of network jitter
+    assert mock_upstream.max_requests_in_window(20.0) <= 80 + 4 + 1
