@@ -9,14 +9,16 @@ allows: a batch line until the batch's window ends (the expiry then ends it as
 late, it ends with the last answer). Any other answer is final.
 
 A 429 or 503 also pauses the queue (every level, every host) for the same wait; a 429 with
-``rpm``/``tpm`` set also halves the rates in force (the engine's AIMD). An answer whose
+``rpm``/``tpm`` in force also halves the rates (the engine's AIMD). An answer whose
 ``x-ratelimit-remaining-requests`` or ``-tokens`` reached 0 pauses the queue until one more
-request's worth is back.
+request's worth is back. A queue without its own ``rpm`` / ``tpm`` is paced at the limits its
+upstream announces in ``x-ratelimit-limit-requests`` / ``-tokens``.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,9 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
 MAX_PAUSE_S = 300.0
 PAUSING = (429, 503)
+FOLLOW_EVERY_S = 30.0
+
+_followed: dict[str, tuple[tuple[int | None, int | None, int | None], float]] = {}
 
 
 def is_transient(status_code: int) -> bool:
@@ -71,6 +76,21 @@ def pause_for_signals(queue: str, status_code: int, retry_after: float | None, l
     pause = min(pause, MAX_PAUSE_S)
     services().engine.pause(queue, max(1, round(pause * 1000)), throttled=throttled)
     return pause
+
+
+def follow_announced_limits(queue: str, config: dict[str, Any], rpm: int | None, tpm: int | None) -> None:
+    """Where the queue sets no ``rpm`` / ``tpm`` of its own, pace it at the limits its upstream
+    announces (``x-ratelimit-limit-*``). Pushed when they change, and again every
+    ``FOLLOW_EVERY_S`` (a registration puts the configured limits back in force)."""
+    wanted = (config.get("rpm") or rpm, config.get("tpm") or tpm, config.get("max_in_flight"))
+    if wanted[:2] == (config.get("rpm"), config.get("tpm")):
+        return  # nothing announced beyond what is configured
+    now = time.monotonic()
+    last = _followed.get(queue)
+    if last is not None and last[0] == wanted and now - last[1] < FOLLOW_EVERY_S:
+        return
+    _followed[queue] = (wanted, now)
+    services().engine.set_limits(queue, rpm=wanted[0], tpm=wanted[1], max_in_flight=wanted[2])
 
 
 def retry_later(retries: Sequence[Retry]) -> tuple[float | None, dict[str, dict[str, Any]]]:

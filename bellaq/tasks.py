@@ -329,6 +329,20 @@ def take_within_limits(queues: Sequence[tuple[str, int]], size: int, strategy: s
     return Taken(mark_taken(hinted.tasks), retry_s, hinted.limited)
 
 
+def claim_comeback(queue: str, level: int, after_s: float) -> bool:
+    """True for the one built-in taker that is to come back to ``queue:level`` after a wait (a
+    limit, a delayed task's due time); False while another one already will."""
+    svc = services()
+    key = svc.key("comeback", queue, str(level))
+    return bool(svc.redis.set(key, 1, px=max(1, round(after_s * 1000)), nx=True))
+
+
+def next_due_s(queue: str, level: int) -> float | None:
+    """Seconds until the first delayed task of ``queue:level`` is due; None when none is delayed."""
+    due_ms = services().engine.stats(queue, level).next_due_in_ms
+    return None if due_ms is None else due_ms / 1000
+
+
 def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
     now = now_ms()
     out: list[dict[str, Any]] = []

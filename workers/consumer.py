@@ -130,6 +130,7 @@ class Outcome:
     retry_after: float | None = None
     limit_wait: float | None = None
     retryable: bool = True
+    announced: tuple[int | None, int | None] = (None, None)  # the upstream's own rpm and tpm
 
 
 def run_request(task: dict, client: UpstreamClient | None, bus: EventBus, upstream_timeout: float) -> Outcome:
@@ -162,7 +163,7 @@ def run_request(task: dict, client: UpstreamClient | None, bus: EventBus, upstre
 
 def _outcome(result: UpstreamResult, retryable: bool) -> Outcome:
     return Outcome({"status_code": result.status_code, "request_id": result.request_id, "body": result.body},
-                   result.retry_after, result.limit_wait, retryable)
+                   result.retry_after, result.limit_wait, retryable, (result.announced_rpm, result.announced_tpm))
 
 
 def _higher_levels_waiting(level: int, svc: Services) -> bool:
@@ -196,6 +197,8 @@ class _Drain:
         self.resume_at: float | None = None  # a limit held work back until then (monotonic)
         self.again_at: float | None = None  # re-announce at this time (monotonic)
         self.again_in: float | None = None  # re-announce after this many seconds
+        self.more = False  # work is left that only the time budget or more urgent work put off
+        self.emptied = False  # a take found nothing waiting
 
     def come_back(self, at: float) -> None:
         self.again_at = at if self.again_at is None else min(self.again_at, at)
@@ -205,7 +208,7 @@ class _Drain:
         now = time.monotonic()
         self.resume_at = None
         if now - started > DRAIN_BUDGET_S or _higher_levels_waiting(self.level, self.svc):
-            self.come_back(now)
+            self.more = True
             self.taking = False
             return
         if self.config["strategy"] == "sequential":
@@ -227,6 +230,7 @@ class _Drain:
                 self.come_back(now + IN_FLIGHT_RECHECK_S)
                 self.taking = False
         elif not got.tasks:
+            self.emptied = True
             self.taking = False
 
     def collect(self, timeout: float | None) -> None:
@@ -244,6 +248,8 @@ class _Drain:
                 outcome = Outcome(error_result(500, f"The worker failed: {type(err).__name__}: {err}",
                                                "worker_error"), retryable=False)
             status = outcome.result["status_code"]
+            if any(outcome.announced):
+                retries.follow_announced_limits(self.queue, self.config, *outcome.announced)
             paused = retries.pause_for_signals(self.queue, status, outcome.retry_after, outcome.limit_wait,
                                                int(task.get("attempts") or 1))
             if outcome.retryable and retries.is_transient(status):
@@ -295,9 +301,19 @@ class _Drain:
             if self.taking and ready and (self.resume_at is not None or len(self.inflight) <= low_water):
                 self.refill(started)
         self.flush()
-        if self.again_at is not None:
-            self.again_in = max(0.0, self.again_at - time.monotonic())
+        now = time.monotonic()
+        if self.emptied:
+            due_s = task_service.next_due_s(self.queue, self.level)  # delayed tasks, maybe of others
+            if due_s is not None:
+                self.come_back(now + due_s)
+        if self.more:
+            self.again_in = 0.0
             self.again()
+        elif self.again_at is not None:
+            # one consumer per queue level comes back after a wait; the others' messages just end
+            self.again_in = max(0.0, self.again_at - now)
+            if task_service.claim_comeback(self.queue, self.level, self.again_in):
+                self.again()
         return self.taken
 
 

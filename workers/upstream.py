@@ -51,6 +51,8 @@ class UpstreamResult:
     attempts: int
     retry_after: float | None = None  # seconds, from Retry-After / retry-after-ms
     limit_wait: float | None = None  # seconds until an x-ratelimit-remaining-* that reached 0 frees a unit
+    announced_rpm: int | None = None  # the provider's own limits: x-ratelimit-limit-requests / -tokens
+    announced_tpm: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -162,7 +164,17 @@ def _signals(result: UpstreamResult, headers: Any) -> UpstreamResult:
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     total = usage.get("total_tokens")
     result.limit_wait = limit_wait_seconds(headers, total if isinstance(total, int) else None)
+    result.announced_rpm = _positive_int(headers.get("x-ratelimit-limit-requests"))
+    result.announced_tpm = _positive_int(headers.get("x-ratelimit-limit-tokens"))
     return result
+
+
+def _positive_int(value: str | None) -> int | None:
+    try:
+        number = int(value) if value is not None else 0
+    except ValueError:
+        return None
+    return number if number > 0 else None
 
 
 def _new_request_id() -> str:
