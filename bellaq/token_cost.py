@@ -3,8 +3,10 @@
 The estimate is what OpenAI charges a request against its token limit before it runs: the prompt
 (its characters / 4, rounded up) plus the completion budget (``max_completion_tokens``,
 ``max_tokens`` or ``max_output_tokens``; else the queue's ``default_max_tokens``, else
-:data:`DEFAULT_MAX_TOKENS`), times ``n`` answers. Embeddings have no completion budget. When the
-answer comes, its ``usage.total_tokens`` replaces the estimate in the queue's token bucket.
+:data:`DEFAULT_MAX_TOKENS`), times ``n`` answers. Only chat completions, completions and
+responses have a default budget; embeddings never have one, other endpoints only when the body
+sets one. When the answer comes, its ``usage.total_tokens`` replaces the estimate in the queue's
+token bucket.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ CHARS_PER_TOKEN = 4
 DEFAULT_MAX_TOKENS = 256
 _BUDGET_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _PROMPT_FIELDS = ("messages", "prompt", "input", "instructions")
+_GENERATING = ("/chat/completions", "/completions", "/responses")
 
 
 def _positive_int(value: Any) -> int | None:
@@ -53,6 +56,8 @@ def estimate(endpoint: str, data: dict[str, Any], default_max_tokens: int | None
     if endpoint.endswith("/embeddings"):
         return prompt
     budget = next((v for v in (_positive_int(data.get(k)) for k in _BUDGET_FIELDS) if v), None)
+    if budget is None and not endpoint.endswith(_GENERATING):
+        return prompt  # an endpoint that writes no completion, unless the body sets a budget
     answers = _positive_int(data.get("n")) or 1
     return prompt + (budget or default_max_tokens or DEFAULT_MAX_TOKENS) * answers
 
