@@ -36,6 +36,7 @@ class PendingPut:
     row: dict[str, Any]
     payload: str
     builtin: bool
+    cost: int = 0  # tokens charged at take under a ``tpm`` limit
     score: int = field(default_factory=lambda: time.time_ns() // 1000)
     done: bool = False
     error: BaseException | None = None
@@ -115,7 +116,8 @@ def _write(group: list[PendingPut]) -> None:
     table = Task.__table__
     for (queue, level), puts in by_level.items():
         try:
-            svc.engine.enqueue_many(queue, level, [(p.row["id"], p.payload, p.score) for p in puts])
+            svc.engine.enqueue_many(queue, level, [(p.row["id"], p.payload, p.score) for p in puts],
+                                    costs={p.row["id"]: p.cost for p in puts if p.cost})
         except RedisError:
             # The engine never saw them: take the rows back so nothing half-written remains.
             db.session.execute(delete(table).where(table.c.id.in_([p.row["id"] for p in puts])))

@@ -7,8 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from bellaq.clock import now_ms
-from bellaq.errors import BadRequest, NotFound
+from bellaq.errors import BadRequest, NotFound, Unavailable
 from bellaq.extensions import db
 from bellaq.keys import Principal
 from bellaq.models import Queue, Task
@@ -57,6 +59,13 @@ def default_queue_name(endpoint: str, model: Any) -> str:
     return name[:64] or "default"
 
 
+def _limit(body: dict[str, Any], name: str, existing: Queue | None, maximum: int) -> int | None:
+    """A limit field of a registration: left out keeps the current value, null lifts it."""
+    if name in body and body[name] is None:
+        return None
+    return int_field(body, name, getattr(existing, name) if existing else None, 1, maximum)
+
+
 def register(body: dict[str, Any]) -> Queue:
     name = check_queue_name(field(body, "queue", str))
     existing = db.session.get(Queue, name)
@@ -65,8 +74,10 @@ def register(body: dict[str, Any]) -> Queue:
     builtin = field(body, "builtin", bool, existing.builtin if existing else True)
     strategy = choice_field(body, "strategy", STRATEGIES, existing.strategy if existing else "fifo")
     upstream = field(body, "upstream", dict, None)
-    max_in_flight = int_field(body, "max_in_flight", existing.max_in_flight if existing else None, 1, 1_000_000)
-    rpm = int_field(body, "rpm", existing.rpm if existing else None, 1, 100_000_000)
+    max_in_flight = _limit(body, "max_in_flight", existing, 1_000_000)
+    rpm = _limit(body, "rpm", existing, 100_000_000)
+    tpm = _limit(body, "tpm", existing, 1_000_000_000)
+    default_max_tokens = _limit(body, "default_max_tokens", existing, 10_000_000)
     base_url = existing.upstream_base_url if existing else None
     key_env = existing.upstream_api_key_env if existing else None
     if upstream is not None:
@@ -90,12 +101,34 @@ def register(body: dict[str, Any]) -> Queue:
     row.upstream_api_key_env = key_env
     row.max_in_flight = max_in_flight
     row.rpm = rpm
+    row.tpm = tpm
+    row.default_max_tokens = default_max_tokens
     row.updated_at = now
     if existing is None:
         db.session.add(row)
+    try:
+        push_limits(row)  # before the commit: a queue is never kept without its limits in force
+    except RedisError:
+        db.session.rollback()
+        raise Unavailable(f"The queue engine (Redis) is unavailable, so queue '{name}' and its limits were "
+                          "not saved; register it again.") from None
     db.session.commit()
     bump_quietly()
     return row
+
+
+def push_limits(row: Queue) -> None:
+    """Put the queue's ``rpm``, ``tpm`` and ``max_in_flight`` in force for every taker."""
+    services().engine.set_limits(row.name, rpm=row.rpm, tpm=row.tpm, max_in_flight=row.max_in_flight)
+
+
+def push_all_limits() -> int:
+    """:func:`push_limits` for every queue that has a limit (after Redis lost its data); returns how many."""
+    rows = db.session.execute(db.select(Queue).where(
+        (Queue.rpm.is_not(None)) | (Queue.tpm.is_not(None)) | (Queue.max_in_flight.is_not(None)))).scalars().all()
+    for row in rows:
+        push_limits(row)
+    return len(rows)
 
 
 def public_view(row: Queue, principal: Principal) -> dict[str, Any]:

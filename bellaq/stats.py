@@ -9,6 +9,23 @@ from bellaq.models import Queue
 from bellaq.services import services
 
 
+def limit_use(queue: str) -> dict[str, Any]:
+    """The queue's limits and how much of each is in use (every level together)."""
+    u = services().engine.limit_stats(queue)
+    limited = u.rpm is not None or u.tpm is not None or u.max_in_flight is not None
+    return {
+        "rpm": u.rpm,
+        "tpm": u.tpm,
+        "max_in_flight": u.max_in_flight,
+        "in_flight": u.in_flight,
+        "window_start": u.window_start if limited and u.window_start else None,
+        "window_requests": u.window_requests if limited else 0,
+        "window_tokens": u.window_tokens if limited else 0,
+        "paused_until": u.paused_until or None,
+        "rate_factor": u.factor,
+    }
+
+
 def level_counts(queue: str, level: int) -> dict[str, Any]:
     s = services().engine.stats(queue, level)
     return {
@@ -19,6 +36,8 @@ def level_counts(queue: str, level: int) -> dict[str, Any]:
         "failed": s.failed,
         "cancelled": s.cancelled,
         "oldest_age_ms": s.oldest_age_ms,
+        "delayed": s.delayed,
+        "limits": limit_use(queue),
     }
 
 

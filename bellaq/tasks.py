@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, inspect, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
-from bellaq import metrics, open_tasks
+from bellaq import metrics, open_tasks, token_cost
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, Conflict, NotFound, error_body
 from bellaq.extensions import db
@@ -36,7 +37,7 @@ from bellaq.models.tasks import (
 )
 from bellaq.put_group import PendingPut, put_group
 from bellaq.queue_engine import STRATEGIES, Completion, TakenTask
-from bellaq.queues import check_endpoint, full_queue, resolve_queue
+from bellaq.queues import check_endpoint, full_queue, push_all_limits, resolve_queue
 from bellaq.services import services
 from bellaq.urlguard import UnsafeURL, check_callback_url
 from bellaq.validation import choice_field, field, int_field
@@ -66,6 +67,11 @@ def task_payload(task: Task) -> str:
         "start_time": task.start_time,
         "expire_time": task.expire_time,
     })
+
+
+def queue_cost(queue: Queue | None, endpoint: str, data: dict[str, Any]) -> int:
+    """The tokens a task of ``queue`` is charged at take under a ``tpm`` limit (see token_cost)."""
+    return token_cost.estimate(endpoint, data, queue.default_max_tokens if queue else None)
 
 
 def error_result(status_code: int, message: str, code: str, kind: str = "invalid_request_error") -> dict:
@@ -127,7 +133,7 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
     # transaction, one engine round trip per queue level), and nothing is reloaded afterwards.
     task = Task(**row)
     open_tasks.admit(principal.owner)
-    put_group().submit(PendingPut(row, task_payload(task), builtin))
+    put_group().submit(PendingPut(row, task_payload(task), builtin, queue_cost(queue, endpoint, data)))
     metrics.tasks_put(queue_name, level)
     return task
 
@@ -249,7 +255,7 @@ def complete_task(task: Task, result: dict[str, Any], holder: str | None = None)
     ok = 200 <= result["status_code"] < 300
     engine = services().engine
     outcome = engine.complete(task.queue, task.level, task.id, failed=not ok, holder=holder,
-                              result=json.dumps(result))
+                              result=json.dumps(result), tokens=token_cost.used(result))
     if outcome == "completed":
         finish([task], SUCCEEDED if ok else FAILED, result)
         engine.forget_results(task.queue, [task.id])
@@ -278,7 +284,8 @@ def complete_many(results: dict[str, dict[str, Any]]) -> int:
         select(table).where(table.c.id.in_(list(results)))).mappings().all()
     tasks = [Task(**row) for row in rows]
     oks = [200 <= results[t.id]["status_code"] < 300 for t in tasks]
-    items = [Completion(t.queue, t.level, t.id, not ok, json.dumps(results[t.id]))
+    items = [Completion(t.queue, t.level, t.id, not ok, json.dumps(results[t.id]),
+                        tokens=token_cost.used(results[t.id]))
              for t, ok in zip(tasks, oks, strict=True)]
     outcomes = services().engine.complete_many(items)
     fault_point("after_engine_complete")
@@ -450,10 +457,41 @@ def take(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo", p
     """Lease up to ``size`` tasks by ``strategy`` to ``holder`` (built-in workers unless named)
     and mark them queued; returns task objects. Each lease lasts ``lease`` seconds (default:
     ``process_timeout``), renewable by its ``holder`` up to ``process_timeout`` after the take."""
-    svc = services()
+    return take_within_limits(queues, size, strategy, process_timeout, max_retries, lease, holder).tasks
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What :func:`take_within_limits` leased, and when to ask again if a limit held work back."""
+
+    tasks: list[dict[str, Any]]
+    retry_s: float | None  # a rate limit or pause may let work through then; None: no such hint
+    limited: tuple[str, ...]  # 'paused', 'in_flight', 'rpm', 'tpm': the limits that stopped the take
+
+
+def take_within_limits(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo",
+                       process_timeout: float = 300, max_retries: int = 3, lease: float | None = None,
+                       holder: str = BUILTIN_HOLDER) -> Taken:
+    """:func:`take`, also saying whether the queue's limits held work back and until when."""
     lease_ms = None if lease is None else max(1, round(min(lease, process_timeout) * 1000))
-    taken = svc.engine.take(queues, size, strategy, process_timeout, max_retries, lease_ms=lease_ms, holder=holder)
-    return mark_taken(taken)
+    hinted = services().engine.take_with_hint(queues, size, strategy, process_timeout, max_retries,
+                                              lease_ms=lease_ms, holder=holder)
+    retry_s = None if hinted.retry_ms is None else hinted.retry_ms / 1000
+    return Taken(mark_taken(hinted.tasks), retry_s, hinted.limited)
+
+
+def claim_comeback(queue: str, level: int, after_s: float) -> bool:
+    """True for the one built-in taker that is to come back to ``queue:level`` after a wait (a
+    limit, a delayed task's due time); False while another one already will."""
+    svc = services()
+    key = svc.key("comeback", queue, str(level))
+    return bool(svc.redis.set(key, 1, px=max(1, round(after_s * 1000)), nx=True))
+
+
+def next_due_s(queue: str, level: int) -> float | None:
+    """Seconds until the first delayed task of ``queue:level`` is due; None when none is delayed."""
+    due_ms = services().engine.stats(queue, level).next_due_in_ms
+    return None if due_ms is None else due_ms / 1000
 
 
 def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
@@ -508,6 +546,8 @@ def reap(now: int | None = None) -> dict[str, int]:
             requeued += len(res.requeued)
             if queue in builtin:
                 svc.work_ready(queue, level, len(res.requeued))
+        if res.promoted and queue in builtin:
+            svc.work_ready(queue, level, len(res.promoted))
         if res.failed:
             tasks = db.session.execute(db.select(Task).where(Task.id.in_(res.failed))).scalars().all()
             for task in tasks:
@@ -531,7 +571,9 @@ def recover(chunk: int = 2000) -> int:
     svc = services()
     added = 0
     ready: dict[tuple[str, int], int] = defaultdict(int)
-    builtin = {q.name for q in db.session.execute(db.select(Queue).where(Queue.builtin.is_(True))).scalars()}
+    push_all_limits()
+    queues = {q.name: q for q in db.session.execute(db.select(Queue)).scalars()}
+    builtin = {name for name, q in queues.items() if q.builtin}
     last = ("", 0)
     while True:
         rows = db.session.execute(
@@ -548,6 +590,7 @@ def recover(chunk: int = 2000) -> int:
             n = svc.engine.enqueue_many(
                 queue, level, [(t.id, task_payload(t), t.start_time * 1000) for t in tasks],
                 attempts={t.id: t.attempts for t in tasks},
+                costs={t.id: queue_cost(queues.get(queue), t.endpoint, json.loads(t.data)) for t in tasks},
             )
             added += n
             if n and queue in builtin:

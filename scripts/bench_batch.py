@@ -169,13 +169,16 @@ def run_bellaq(args: argparse.Namespace, path: Path, latency: float, tmp: Path) 
             delete_prefix(REDIS_URL, prefix)
 
 
-def run_plain(path: Path, latency: float, concurrency: int, tmp: Path) -> dict[str, Any]:
-    """The same requests sent straight to the mock by a thread pool of ``concurrency``."""
+def run_plain(path: Path, latency: float, concurrency: int, tmp: Path,
+              mock_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The same requests sent straight to the mock by a thread pool of ``concurrency``; with
+    ``mock_args`` (e.g. ``--rpm``), the mock's own counts are added as ``upstream``."""
     import requests
 
     bodies = [json.loads(line)["body"] for line in path.read_text().splitlines()]
     local = threading.local()
-    with MockServer(tmp, latency=latency) as mock:
+    upstream: dict[str, Any] = {}
+    with MockServer(tmp, latency=latency, extra_args=mock_args) as mock:
         url = mock.base_url + CHAT
 
         def send(body: dict) -> int:
@@ -188,9 +191,12 @@ def run_plain(path: Path, latency: float, concurrency: int, tmp: Path) -> dict[s
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             statuses = list(pool.map(send, bodies, chunksize=64))
         seconds = time.time() - t0
+        if mock_args:
+            upstream = requests.get(f"{mock.base_url}/mock/stats", params={"window": 60}, timeout=30).json()
     ok = sum(1 for s in statuses if s == 200)
-    return {"requests": len(bodies), "ok": ok, "seconds": round(seconds, 3),
-            "requests_per_s": round(len(bodies) / seconds, 1), "concurrency": concurrency}
+    out = {"requests": len(bodies), "ok": ok, "seconds": round(seconds, 3),
+           "requests_per_s": round(len(bodies) / seconds, 1), "concurrency": concurrency}
+    return {**out, "upstream": upstream} if mock_args else out
 
 
 def main(argv: list[str] | None = None) -> None:

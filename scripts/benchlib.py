@@ -346,13 +346,13 @@ class MockServer:
     """
 
     def __init__(self, log_dir: Path, latency: float = 0.0, processes: int = 1, stream_chunk_delay: float = 0.0,
-                 backlog: int = 4096, nodelay: bool = True) -> None:
+                 backlog: int = 4096, nodelay: bool = True, extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         head = [PYTHON, str(Path(__file__).resolve()), "mock"] if nodelay else [PYTHON, "-m", "bellaq.mock_upstream"]
         self.proc = _spawn([*head, "--port", str(self.port), "--latency", str(latency),
                             "--processes", str(processes), "--stream-chunk-delay", str(stream_chunk_delay),
-                            "--backlog", str(backlog)], Path(log_dir) / f"mock-{self.port}.log")
+                            "--backlog", str(backlog), *extra_args], Path(log_dir) / f"mock-{self.port}.log")
         wait_port(self.port, proc=self.proc)
 
     def __enter__(self) -> MockServer:

@@ -98,20 +98,3 @@ def test_max_in_flight_bounds_running_tasks(client, admin, user, celery_worker, 
 
     wait_for(all_done, timeout=30, interval=0.02)
     assert peak == 1
-
-
-def test_rpm_holds_back_takes_until_the_next_minute(app, client, admin):
-    import time
-
-    from workers.consumer import _count_rpm, _rpm_allows
-
-    with app.app_context():
-        from bellaq.services import services
-
-        svc = services()
-        config = {"max_in_flight": None, "rpm": 5}
-        assert _rpm_allows(config, "q", 32, svc) == (5, 0.0)
-        _count_rpm("q", 5, svc)
-        size, retry_in = _rpm_allows(config, "q", 32, svc)
-        assert size == 0 and 0 < retry_in <= 60.05
-        assert abs((time.time() + retry_in) % 60) < 0.5  # retried at the start of the next minute

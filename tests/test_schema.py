@@ -25,10 +25,10 @@ def test_init_adds_missing_columns_and_indexes_and_keeps_rows(app) -> None:
     init_db(app)
     with app.app_context():
         inspector = inspect(db.engine)
-        assert "rpm" in {c["name"] for c in inspector.get_columns("queues")}
+        assert {"rpm", "tpm", "default_max_tokens"} <= {c["name"] for c in inspector.get_columns("queues")}
         assert "ix_tasks_batch_status" in {i["name"] for i in inspector.get_indexes("tasks")}
         from bellaq.models import Queue
 
         row = db.session.get(Queue, "old")
-        assert row is not None and row.endpoint == "/v1/embeddings" and row.rpm is None
+        assert row is not None and row.endpoint == "/v1/embeddings" and row.rpm is None and row.tpm is None
         assert add_missing_columns(db.engine) == []  # idempotent

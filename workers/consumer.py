@@ -6,6 +6,12 @@ One message may lease several tasks (``BELLAQ_WORKER_TAKE_SIZE``); they run conc
 threads (greenlets under the gevent pool), so a worker process keeps
 ``concurrency x take size`` upstream requests in flight. Online tasks (blocking, streaming) are
 completed the moment their answer arrives; the others are completed together in one bulk write.
+
+The queue's limits (``rpm``, ``tpm``, ``max_in_flight``, pauses) are the engine's: a take that a
+limit holds back says when to ask again, and the consumer comes back then (re-announcing itself
+with a countdown when nothing of its own runs). Each request is sent once; a transient answer
+goes back to the engine as a delayed task and its signals may pause the queue
+(:mod:`bellaq.retries`).
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from bellaq import retries
 from bellaq import tasks as task_service
 from bellaq.clock import now_ms
 from bellaq.eventbus import EventBus, progress_event
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 QUEUE_CACHE_S = 5.0
 # A message drains its queue for at most this long, then re-announces and frees its Celery slot.
 DRAIN_BUDGET_S = 5.0
+# With only max_in_flight holding work back (a slot frees when another taker's lease ends), look again after this.
+IN_FLIGHT_RECHECK_S = 0.2
 
 _queue_cache: dict[str, tuple[float, dict | None]] = {}
 _clients: dict[tuple[str, str | None], UpstreamClient] = {}
@@ -72,7 +82,7 @@ def upstream_for(config: dict, svc: Services) -> UpstreamClient | None:
         client = _clients.get((base_url, api_key))
         if client is None:
             client = _clients[(base_url, api_key)] = UpstreamClient(
-                base_url, api_key, timeout=svc.settings.upstream_timeout)
+                base_url, api_key, timeout=svc.settings.upstream_timeout, max_attempts=1)
     return client
 
 
@@ -84,71 +94,53 @@ def executor() -> ThreadPoolExecutor:
     return _executor
 
 
-def _rpm_allows(config: dict, queue: str, size: int, svc: Services) -> tuple[int, float]:
-    """How many tasks the queue's requests-per-minute limit lets us take, and when to look again."""
-    if not config.get("rpm"):
-        return size, 0.0
-    used = int(svc.redis.get(svc.key("rpm", queue, str(int(time.time() // 60)))) or 0)
-    size = min(size, config["rpm"] - used)
-    if size <= 0:
-        return 0, 60 - time.time() % 60 + 0.05
-    return size, 0.0
-
-
-def _take(config: dict, queue: str, level: int, size: int, svc: Services) -> list[dict] | None:
-    """Lease up to ``size`` tasks; None when ``max_in_flight`` tasks already run."""
-
-    def take(n: int) -> list[dict]:
-        return task_service.take([(queue, level)], n, config["strategy"], svc.settings.default_process_timeout,
-                                 svc.settings.default_max_retries, svc.settings.worker_lease, leases.renewer().holder)
-
-    limit = config.get("max_in_flight")
-    if not limit:
-        return take(size)
-    # Counting the running tasks and leasing more must be one step across all consumers.
-    with svc.redis.lock(svc.key("inflight", queue, str(level)), timeout=10, blocking_timeout=10):
-        free = limit - svc.engine.stats(queue, level).running
-        return take(min(size, free)) if free > 0 else None
-
-
-def _count_rpm(queue: str, n: int, svc: Services) -> None:
-    key = svc.key("rpm", queue, str(int(time.time() // 60)))
-    pipe = svc.redis.pipeline()
-    pipe.incrby(key, n)
-    pipe.expire(key, 120)
-    pipe.execute()
-
-
 def error_result(status_code: int, message: str, code: str) -> dict[str, Any]:
     return task_service.error_result(status_code, message, code, "upstream_error")
 
 
-def run_request(task: dict, client: UpstreamClient | None, bus: EventBus, upstream_timeout: float) -> dict:
-    """Call the upstream for one task; streaming tasks forward each chunk as a progress event."""
+@dataclass
+class Outcome:
+    """What one upstream call gave: the task's result, the upstream's signals, and whether a
+    transient answer may be tried again (not after a stream already reached its client)."""
+
+    result: dict
+    retry_after: float | None = None
+    limit_wait: float | None = None
+    retryable: bool = True
+    announced: tuple[int | None, int | None] = (None, None)  # the upstream's own rpm and tpm
+
+
+def run_request(task: dict, client: UpstreamClient | None, bus: EventBus, upstream_timeout: float) -> Outcome:
+    """Call the upstream once for one task; streaming tasks forward each chunk as a progress event."""
     if client is None:
-        return error_result(502, f"No upstream is configured for queue '{task['queue']}': register it with "
-                                 "upstream.base_url or set BELLAQ_UPSTREAM_BASE_URL.", "no_upstream")
+        return Outcome(error_result(502, f"No upstream is configured for queue '{task['queue']}': register it "
+                                         "with upstream.base_url or set BELLAQ_UPSTREAM_BASE_URL.", "no_upstream"),
+                       retryable=False)
     deadline = time.monotonic() + upstream_timeout
     if task.get("expire_time") and not task.get("batch_id"):
         deadline = min(deadline, time.monotonic() + max(0.0, (task["expire_time"] - now_ms()) / 1000))
     data = task["data"]
     streaming = task["response_mode"] == "streaming" or data.get("stream") is True
     if not streaming:
-        return _as_result(client.call(task["endpoint"], data, deadline))
+        return _outcome(client.call(task["endpoint"], data, deadline), True)
     if task["response_mode"] == "streaming" and data.get("stream") is not True:
         data = dict(data, stream=True)
     final: UpstreamResult | None = None
+    sent = False
     for n, event in enumerate(client.stream(task["endpoint"], data, deadline)):
-        if event.kind == "chunk" and task.get("instance_id"):
-            bus.publish(task["instance_id"], [progress_event(task["task_id"], str(n), "chunk", event.data)])
+        if event.kind == "chunk":
+            sent = True
+            if task.get("instance_id"):
+                bus.publish(task["instance_id"], [progress_event(task["task_id"], str(n), "chunk", event.data)])
         elif event.kind == "done":
             final = event.result
     assert final is not None
-    return _as_result(final)
+    return _outcome(final, not sent)
 
 
-def _as_result(result: UpstreamResult) -> dict:
-    return {"status_code": result.status_code, "request_id": result.request_id, "body": result.body}
+def _outcome(result: UpstreamResult, retryable: bool) -> Outcome:
+    return Outcome({"status_code": result.status_code, "request_id": result.request_id, "body": result.body},
+                   result.retry_after, result.limit_wait, retryable, (result.announced_rpm, result.announced_tpm))
 
 
 def _higher_levels_waiting(level: int, svc: Services) -> bool:
@@ -167,8 +159,8 @@ def _higher_levels_waiting(level: int, svc: Services) -> bool:
 
 class _Drain:
     """One consume message's run: keeps up to ``slots`` tasks in flight, refilling as they end,
-    until the queue is empty, a limit says wait, the time budget is spent, or more urgent work
-    waits."""
+    until the queue is empty, a limit says wait while nothing runs, the time budget is spent, or
+    more urgent work waits. Transient answers go back to the engine as delayed tasks."""
 
     def __init__(self, queue: str, level: int, config: dict, svc: Services, token: str) -> None:
         self.queue, self.level, self.config, self.svc, self.token = queue, level, config, svc, token
@@ -178,35 +170,57 @@ class _Drain:
         self.inflight: dict[Future, dict] = {}
         self.finished: dict[str, dict] = {}  # non-online results, completed together
         self.taken = 0
+        self.taking = True
+        self.resume_at: float | None = None  # a limit held work back until then (monotonic)
+        self.again_at: float | None = None  # re-announce at this time (monotonic)
         self.again_in: float | None = None  # re-announce after this many seconds
+        self.more = False  # work is left that only the time budget or more urgent work put off
+        self.emptied = False  # a take found nothing waiting
         self.leased: list[str] = []  # renewed by this process's heartbeat until the run ends
         self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
         self.refreshed = 0.0  # the first take marks this consumer alive
 
-    def refill(self, started: float) -> bool:
-        """Take more work into free slots; False once nothing more should be taken."""
-        if time.monotonic() - started > DRAIN_BUDGET_S or _higher_levels_waiting(self.level, self.svc):
-            self.again_in = 0.0
-            return False
+    def come_back(self, at: float) -> None:
+        self.again_at = at if self.again_at is None else min(self.again_at, at)
+
+    def refill(self, started: float) -> None:
+        """Take more work into free slots, within the queue's limits (one engine call)."""
+        now = time.monotonic()
+        self.resume_at = None
+        if now - started > DRAIN_BUDGET_S or _higher_levels_waiting(self.level, self.svc):
+            self.more = True
+            self.taking = False
+            return
         if self.config["strategy"] == "sequential":
             self.flush()  # its slot frees only once the running task is completed
-        want, retry_in = _rpm_allows(self.config, self.queue, self.slots - len(self.inflight), self.svc)
-        taken = _take(self.config, self.queue, self.level, want, self.svc) if want > 0 else None
-        if taken is None:
-            self.again_in = retry_in or 0.5
-            return False
-        if not taken:
-            return False
-        if self.config.get("rpm"):
-            _count_rpm(self.queue, len(taken), self.svc)
-        self.taken += len(taken)
-        leases.renewer().hold(taken)
-        self.leased += [task["task_id"] for task in taken]
-        for task in taken:
+        got = task_service.take_within_limits([(self.queue, self.level)], self.slots - len(self.inflight),
+                                              self.config["strategy"], self.svc.settings.default_process_timeout,
+                                              self.svc.settings.default_max_retries, self.svc.settings.worker_lease,
+                                              leases.renewer().holder)
+        self.taken += len(got.tasks)
+        leases.renewer().hold(got.tasks)
+        self.leased += [task["task_id"] for task in got.tasks]
+        for task in got.tasks:
             future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
             self.inflight[future] = task
-        # The requests run meanwhile: announcements are off their critical path.
-        if not self.recruited and len(taken) >= self.slots:
+        if got.limited:
+            if got.retry_s is not None:
+                self.resume_at = now + got.retry_s
+            elif self.finished:
+                self.flush()  # our own answered tasks still hold in-flight slots
+                self.resume_at = now
+            elif not self.inflight:
+                self.come_back(now + IN_FLIGHT_RECHECK_S)
+                self.taking = False
+        elif not got.tasks:
+            self.emptied = True
+            self.taking = False
+        if got.tasks:
+            self.announce_progress(len(got.tasks))
+
+    def announce_progress(self, taken: int) -> None:
+        """The requests run meanwhile: announcements are off their critical path."""
+        if not self.recruited and taken >= self.slots:
             # A full take: the backlog may be deeper than this drain can keep up with.
             self.recruited = True
             token = announcements.recruit(self.svc, self.queue, self.level)
@@ -215,20 +229,37 @@ class _Drain:
         if time.monotonic() - self.refreshed > announcements.REFRESH_S:
             self.refreshed = time.monotonic()
             announcements.alive(self.svc, self.queue, self.level, self.token)
-        return True
 
-    def collect(self) -> None:
-        """Wait for at least one request to end; online answers are completed at once."""
-        done, _ = wait(list(self.inflight), return_when=FIRST_COMPLETED)
+    def collect(self, timeout: float | None) -> None:
+        """Wait for at least one request to end (or ``timeout``); online answers are completed at
+        once, transient answers are delayed for a retry."""
+        done, _ = wait(list(self.inflight), timeout=timeout, return_when=FIRST_COMPLETED)
         online: dict[str, dict] = {}
+        later: list[retries.Retry] = []
         for future in done:
             task = self.inflight.pop(future)
             try:
-                result = future.result()
+                outcome = future.result()
             except Exception as err:  # noqa: BLE001 - a bug must not strand the task: record it
                 log.exception("task %s failed in the worker", task["task_id"])
-                result = error_result(500, f"The worker failed: {type(err).__name__}: {err}", "worker_error")
-            (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = result
+                outcome = Outcome(error_result(500, f"The worker failed: {type(err).__name__}: {err}",
+                                               "worker_error"), retryable=False)
+            status = outcome.result["status_code"]
+            if any(outcome.announced):
+                retries.follow_announced_limits(self.queue, self.config, *outcome.announced)
+            paused = retries.pause_for_signals(self.queue, status, outcome.retry_after, outcome.limit_wait,
+                                               int(task.get("attempts") or 1))
+            if outcome.retryable and retries.is_transient(status):
+                later.append(retries.Retry(task, outcome.result, outcome.retry_after or paused))
+                continue
+            (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = outcome.result
+        if later:
+            due_s, ending = retries.retry_later(later)
+            if due_s is not None:
+                self.come_back(time.monotonic() + due_s)
+            for task in (r.task for r in later if r.task["task_id"] in ending):
+                (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = \
+                    ending[task["task_id"]]
         if online:
             task_service.complete_many(online)
         if len(self.finished) >= self.slots:
@@ -247,25 +278,56 @@ class _Drain:
                             countdown=self.again_in)
 
     def drain(self, started: float) -> None:
-        taking = self.refill(started)
-        while self.inflight:
-            self.collect()
-            if taking and len(self.inflight) <= self.slots - max(1, self.slots // 4):
-                taking = self.refill(started)
+        """Keep the slots full until nothing more should be taken and nothing runs."""
+        low_water = self.slots - max(1, self.slots // 4)
+        self.taking, self.emptied = True, False
+        self.refill(started)
+        while self.inflight or self.taking:
+            if not self.inflight:
+                if self.resume_at is None:
+                    self.refill(started)  # the limit freed a slot or the take was cut short
+                    if not self.inflight:
+                        continue
+                else:
+                    self.come_back(self.resume_at)  # only a limit holds us: free the slot meanwhile
+                    break
+            wait_s = None if self.resume_at is None else max(0.0, self.resume_at - time.monotonic())
+            self.collect(wait_s if self.taking else None)
+            ready = self.resume_at is None or time.monotonic() >= self.resume_at
+            if self.taking and ready and (self.resume_at is not None or len(self.inflight) <= low_water):
+                self.refill(started)
         self.flush()
 
     def run(self) -> int:
         started = time.monotonic()
         while True:
             self.drain(started)
-            if self.again_in is not None:
+            now = time.monotonic()
+            if self.emptied:
+                due_s = task_service.next_due_s(self.queue, self.level)  # delayed tasks, maybe of others
+                if due_s is not None:
+                    self.come_back(now + due_s)
+            if self.more:
+                self.again_in = 0.0
                 self.again()
+                return self.taken
+            if self.again_at is not None:
+                # one consumer per queue level comes back after a wait; the others' messages just end
+                self.again_in = max(0.0, self.again_at - now)
+                if task_service.claim_comeback(self.queue, self.level, self.again_in):
+                    self.again()
+                else:
+                    announcements.leave(self.svc, self.queue, self.level, self.token)
                 return self.taken
             announcements.leave(self.svc, self.queue, self.level, self.token)
             # A put that saw this consumer counted sent nothing: look once more after leaving.
-            if not self.refill(started):
-                if self.again_in is not None:
-                    self.again()
+            self.taking, self.emptied = True, False
+            self.refill(started)
+            if not self.inflight and self.resume_at is None and not self.more:
+                if self.again_at is not None:
+                    self.again_in = max(0.0, self.again_at - time.monotonic())
+                    if task_service.claim_comeback(self.queue, self.level, self.again_in):
+                        self.again()
                 return self.taken
             announcements.alive(self.svc, self.queue, self.level, self.token)
 

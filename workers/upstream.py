@@ -9,8 +9,10 @@ reads streaming (SSE) answers chunk by chunk as they arrive.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -27,7 +29,9 @@ __all__ = [
     "UpstreamClient",
     "UpstreamResult",
     "aggregate_chunks",
+    "duration_seconds",
     "get_session",
+    "limit_wait_seconds",
     "retry_after_seconds",
 ]
 
@@ -45,6 +49,10 @@ class UpstreamResult:
     body: Any  # parsed JSON; for a non-JSON answer an OpenAI error envelope with a text snippet
     request_id: str  # the upstream's x-request-id, or a generated "req_<hex>"
     attempts: int
+    retry_after: float | None = None  # seconds, from Retry-After / retry-after-ms
+    limit_wait: float | None = None  # seconds until an x-ratelimit-remaining-* that reached 0 frees a unit
+    announced_rpm: int | None = None  # the provider's own limits: x-ratelimit-limit-requests / -tokens
+    announced_tpm: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -106,6 +114,69 @@ def _retry_after_from_headers(headers: Any) -> float | None:
     return retry_after_seconds(headers.get("retry-after"))
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: str | None) -> float | None:
+    """Seconds of an ``x-ratelimit-reset-*`` value (Go's duration format: ``12ms``, ``1.5s``,
+    ``6m0s``; a bare number is seconds), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION_PART.findall(value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            return None
+        seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def limit_wait_seconds(headers: Any, tokens: int | None = None) -> float | None:
+    """How long until a provider limit whose ``x-ratelimit-remaining-*`` reached 0 lets one more
+    request through: the reset time (until the limit is whole again) scaled to one request, or to
+    ``tokens`` tokens; None when no limit reached 0."""
+    waits = []
+    for kind, need in (("requests", 1), ("tokens", tokens or 1)):
+        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+        try:
+            if remaining is None or float(remaining) > 0:
+                continue
+        except ValueError:
+            continue
+        reset = duration_seconds(headers.get(f"x-ratelimit-reset-{kind}"))
+        if reset is None:
+            continue
+        try:
+            limit = float(headers.get(f"x-ratelimit-limit-{kind}") or 0)
+        except ValueError:
+            limit = 0.0
+        waits.append(reset * min(1.0, need / limit) if limit > 0 else reset)
+    return max(waits) if waits else None
+
+
+def _signals(result: UpstreamResult, headers: Any) -> UpstreamResult:
+    """Note the provider's retry and rate-limit signals on ``result``."""
+    result.retry_after = _retry_after_from_headers(headers)
+    body = result.body if isinstance(result.body, dict) else {}
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    total = usage.get("total_tokens")
+    result.limit_wait = limit_wait_seconds(headers, total if isinstance(total, int) else None)
+    result.announced_rpm = _positive_int(headers.get("x-ratelimit-limit-requests"))
+    result.announced_tpm = _positive_int(headers.get("x-ratelimit-limit-tokens"))
+    return result
+
+
+def _positive_int(value: str | None) -> int | None:
+    try:
+        number = int(value) if value is not None else 0
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
 def _new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
@@ -123,6 +194,11 @@ def _parse_body(content: bytes) -> Any:
 
 
 def _result_from(resp: requests.Response, content: bytes, attempts: int) -> UpstreamResult:
+    """The result of a whole (non-streamed) answer, with the provider's signals."""
+    return _signals(_answer_from(resp, content, attempts), resp.headers)
+
+
+def _answer_from(resp: requests.Response, content: bytes, attempts: int) -> UpstreamResult:
     """The result of a whole (non-streamed) answer.
 
     A 2xx SSE answer is aggregated like :meth:`UpstreamClient.stream` does; a 2xx answer that is
@@ -468,7 +544,8 @@ class UpstreamClient:
             yield failed(502, f"upstream stream ended early, after {len(chunks)} chunks", "stream_broken")
             return
         body = aggregate_chunks(chunks)
-        yield StreamEvent(kind="done", result=UpstreamResult(resp.status_code, body, request_id, attempts))
+        result = _signals(UpstreamResult(resp.status_code, body, request_id, attempts), resp.headers)
+        yield StreamEvent(kind="done", result=result)
 
 
 def _raw_blocks(resp: requests.Response) -> Iterator[bytes]:

@@ -14,7 +14,8 @@ bp = Blueprint("queues", __name__)
 
 
 @operation("Register or update a queue", tag="Queues", roles=("admin",), body="Register", responses={200: "Queue"},
-           description="Registering an existing name updates it; fields left out keep their values.")
+           description="Registering an existing name updates it; fields left out keep their values, and a limit "
+                       "(rpm, tpm, max_in_flight, default_max_tokens) given as null is lifted.")
 @bp.post("/v1/queue/register")
 @require("admin")
 def register_queue():

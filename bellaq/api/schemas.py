@@ -92,7 +92,9 @@ _TASK_FIELDS: dict[str, Schema] = {
     "expire_time": nullable(MILLIS),
     "completed_time": nullable(MILLIS),
     "running_time": nullable(MILLIS),
-    "attempts": INTEGER,
+    "attempts": {"type": "integer", "description": "Times the task was taken (retries included)"},
+    "last_status_code": nullable({"type": "integer", "description": "Status of the upstream's last answer "
+                                  "(504: none came); set when an attempt is retried later"}),
 }
 
 _BATCH_TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
@@ -136,6 +138,11 @@ _QUEUE_FIELDS: dict[str, Schema] = {
     "max_in_flight": nullable({"type": "integer", "minimum": 1, "maximum": 1_000_000}),
     "rpm": nullable({"type": "integer", "minimum": 1, "maximum": 100_000_000,
                      "description": "Requests per minute"}),
+    "tpm": nullable({"type": "integer", "minimum": 1, "maximum": 1_000_000_000,
+                     "description": "Tokens per minute (estimated at take, corrected to the answer's usage)"}),
+    "default_max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 10_000_000,
+                                    "description": "Completion budget charged to tpm for a request that sets "
+                                                   "no max_tokens (default 256)"}),
 }
 
 _KEY_FIELDS: dict[str, Schema] = {
@@ -316,7 +323,17 @@ SCHEMAS: dict[str, Schema] = {
                     optional=("upstream",)),
     "QueueStats": closed("Counts of one queue level.", {
         "queue": FULL_QUEUE_NAME, "waiting": INTEGER, "running": INTEGER, "done": INTEGER, "failed": INTEGER,
-        "cancelled": INTEGER, "oldest_age_ms": {"type": "integer", "description": "0 when nothing waits"}}),
+        "cancelled": INTEGER, "oldest_age_ms": {"type": "integer", "description": "0 when nothing waits"},
+        "delayed": {"type": "integer", "description": "Waiting for a retry after an upstream 429, 5xx or no answer"},
+        "limits": {"$ref": "#/components/schemas/LimitUse"}}),
+    "LimitUse": closed("The queue's limits (all levels together) and how much of each is in use.", {
+        "rpm": nullable(INTEGER), "tpm": nullable(INTEGER), "max_in_flight": nullable(INTEGER),
+        "in_flight": {"type": "integer", "description": "Leased tasks of the queue, every level"},
+        "window_start": nullable({**MILLIS, "description": "Start of the one-minute window counted below"}),
+        "window_requests": {"type": "integer", "description": "Requests taken in the window"},
+        "window_tokens": {"type": "integer", "description": "Tokens charged in the window (corrected by usage)"},
+        "paused_until": nullable({**MILLIS, "description": "Takes wait until then: the upstream asked to slow down"}),
+        "rate_factor": {"type": "number", "description": "Share of rpm/tpm in force (below 1 after 429s)"}}),
     "QueueStatsList": closed("Every queue level.", {
         "object": const("list"), "data": {"type": "array", "items": {"$ref": "#/components/schemas/QueueStats"}}}),
     "Cleared": closed("Waiting tasks of the level were cancelled.", {"queue": FULL_QUEUE_NAME, "cleared": INTEGER}),

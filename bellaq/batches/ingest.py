@@ -44,7 +44,7 @@ from bellaq.models.batches import FINAL_STAMPS, BatchStatus
 from bellaq.models.tasks import WAITING
 from bellaq.queues import resolve_queue
 from bellaq.services import services
-from bellaq.tasks import task_payload
+from bellaq.tasks import queue_cost, task_payload
 
 log = logging.getLogger(__name__)
 
@@ -309,13 +309,13 @@ def _insert_tasks(batch: Batch, source: File, max_line: int, reader: _Reader) ->
                                 "data": body})
             index += 1
             if len(pending) >= chunk:
-                _flush(batch, pending, base_score, builtin)
+                _flush(batch, pending, base_score, builtin, queue)
                 pending = []
     if pending:
-        _flush(batch, pending, base_score, builtin)
+        _flush(batch, pending, base_score, builtin, queue)
 
 
-def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: bool) -> None:
+def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: bool, queue: Queue | None) -> None:
     """Write one chunk of task rows, then make them takeable (or, once the batch ends, end them)."""
     svc = services()
     ending = _ending_of(batch.id)
@@ -335,7 +335,8 @@ def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: b
     # task_payload only reads attributes: a plain namespace per row is enough (and much cheaper).
     items = [(row["id"], task_payload(SimpleNamespace(**row)), base_score + first_index + i)  # type: ignore[arg-type]
              for i, row in enumerate(rows)]
-    added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL, items)
+    costs = {row["id"]: queue_cost(queue, batch.endpoint, json.loads(row["data"])) for row in rows}
+    added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL, items, costs=costs)
     metrics.tasks_put(batch.queue, BATCH_LEVEL, added)
     if builtin:
         svc.work_ready(batch.queue, BATCH_LEVEL, len(items))
@@ -363,8 +364,10 @@ def _reenqueue_waiting(batch: Batch, builtin: bool) -> None:
             .order_by(Task.id).limit(PAGE)).scalars().all()
         if not rows:
             return
+        queue = db.session.get(Queue, batch.queue)
+        costs = {t.id: queue_cost(queue, t.endpoint, json.loads(t.data)) for t in rows}
         added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL,
-                                        [(t.id, task_payload(t), t.start_time * 1000) for t in rows])
+                                        [(t.id, task_payload(t), t.start_time * 1000) for t in rows], costs=costs)
         metrics.tasks_put(batch.queue, BATCH_LEVEL, added)
         if added and builtin:
             svc.work_ready(batch.queue, BATCH_LEVEL, added)

@@ -19,6 +19,8 @@ class Queue(db.Model):
     upstream_api_key_env: Mapped[str | None] = mapped_column(String(128), nullable=True)
     max_in_flight: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    default_max_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
 
@@ -34,6 +36,8 @@ class Queue(db.Model):
             "upstream": upstream,
             "max_in_flight": self.max_in_flight,
             "rpm": self.rpm,
+            "tpm": self.tpm,
+            "default_max_tokens": self.default_max_tokens,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }

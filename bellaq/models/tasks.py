@@ -45,6 +45,7 @@ class Task(db.Model):
     completed_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     running_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     def to_dict(self) -> dict:
         return {
@@ -66,4 +67,5 @@ class Task(db.Model):
             "completed_time": self.completed_time,
             "running_time": self.running_time,
             "attempts": self.attempts,
+            "last_status_code": self.last_status_code,
         }
