@@ -154,6 +154,7 @@ class QueueRef:
     name: str
     endpoint: str
     builtin: bool
+    default_max_tokens: int | None = None  # a task's completion budget when it names none (tpm)
 
 
 def _queue_ref(name: str) -> QueueRef | None:
@@ -161,9 +162,9 @@ def _queue_ref(name: str) -> QueueRef | None:
 
     def load() -> QueueRef | None:
         row = db.session.execute(
-            db.select(Queue.name, Queue.endpoint, Queue.builtin).where(Queue.name == name)
+            db.select(Queue.name, Queue.endpoint, Queue.builtin, Queue.default_max_tokens).where(Queue.name == name)
         ).first()
-        return QueueRef(row.name, row.endpoint, bool(row.builtin)) if row is not None else None
+        return QueueRef(row.name, row.endpoint, bool(row.builtin), row.default_max_tokens) if row is not None else None
 
     return registry_cache().get(("queue", name), load)
 
@@ -197,7 +198,8 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
         served = db.session.execute(db.select(Queue).where(Queue.endpoint == endpoint)
                                     .order_by(Queue.created_at, Queue.name).limit(1)).scalar_one_or_none()
         if served is not None:
-            return QueueRef(served.name, served.endpoint, served.builtin)  # the registered queue that serves it
+            # the registered queue that serves it
+            return QueueRef(served.name, served.endpoint, served.builtin, served.default_max_tokens)
         raise BadRequest(f"No queue serves {endpoint} here. A queue is created on first use only for "
                          f"{', '.join(BUILTIN_ENDPOINTS)}; ask an admin to register a queue for {endpoint} "
                          "(POST /v1/queue/register) and name it in 'queue'.", param=param,
@@ -213,7 +215,7 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
         row = db.session.get(Queue, name)
         if row is None:
             raise
-    ref = QueueRef(row.name, row.endpoint, row.builtin)
+    ref = QueueRef(row.name, row.endpoint, row.builtin, row.default_max_tokens)
     bump_quietly()
     return ref
 

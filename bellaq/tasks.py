@@ -37,7 +37,7 @@ from bellaq.models.tasks import (
 )
 from bellaq.put_group import PendingPut, put_group
 from bellaq.queue_engine import STRATEGIES, Completion, TakenTask
-from bellaq.queues import check_endpoint, full_queue, push_all_limits, resolve_queue
+from bellaq.queues import QueueRef, check_endpoint, full_queue, push_all_limits, resolve_queue
 from bellaq.services import services
 from bellaq.urlguard import UnsafeURL, check_callback_url
 from bellaq.validation import choice_field, field, int_field
@@ -69,7 +69,7 @@ def task_payload(task: Task) -> str:
     })
 
 
-def queue_cost(queue: Queue | None, endpoint: str, data: dict[str, Any]) -> int:
+def queue_cost(queue: Queue | QueueRef | None, endpoint: str, data: dict[str, Any]) -> int:
     """The tokens a task of ``queue`` is charged at take under a ``tpm`` limit (see token_cost)."""
     return token_cost.estimate(endpoint, data, queue.default_max_tokens if queue else None)
 
