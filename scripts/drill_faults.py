@@ -1,5 +1,5 @@
 """Fault drills against a running stack: gunicorn (gevent), two Celery workers (gevent), beat,
-SQLite, the mock upstream, and a private ``redis-server`` (the shared Redis is never touched).
+SQLite (or MariaDB), the mock upstream, and a private ``redis-server`` (the shared Redis is never touched).
 
 Each drill starts a fresh stack, runs a batch (3,000 lines by default), injects one fault while
 it runs, and waits for the batch to end. It prints, per drill: when the fault hit, how long until
@@ -38,7 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import requests  # noqa: E402
 
-from scripts.benchlib import ADMIN_KEY, MockServer, Stack, print_rows, raise_nofile, unique_prefix  # noqa: E402
+from scripts.benchlib import (  # noqa: E402
+    ADMIN_KEY,
+    MockServer,
+    Stack,
+    database,
+    print_rows,
+    raise_nofile,
+    unique_prefix,
+)
 from scripts.private_redis import PrivateRedis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +71,14 @@ class Drill:
     victim: int = 0  # pid of a killed worker, whose leases are watched until they are back
 
     def victim_leases(self) -> int:
+        return self.leases_of(self.victim)
+
+    def leases_of(self, pid: int) -> int:
+        """Leases held by worker process ``pid`` (its holder names its pid)."""
         client = self.redis.client()
         try:
             return sum(1 for key in client.scan_iter(match="*:leaseinfo")
-                       for holder in client.hvals(key) if f":{self.victim}:".encode() in holder)
+                       for holder in client.hvals(key) if f":{pid}:".encode() in holder)
         finally:
             client.close()
 
@@ -121,9 +133,13 @@ def _create(drill: Drill, file_id: str) -> requests.Response:
 
 def worker_kill(drill: Drill) -> None:
     drill.wait_completed(0.3)
-    victim = drill.stack.workers[0]
+    deadline = time.monotonic() + 60
+    while True:  # the worker holding the most leases right now
+        held, victim = max((drill.leases_of(w.pid), i, w) for i, w in enumerate(drill.stack.workers))[::2]
+        if held or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     drill.victim = victim.pid
-    held = drill.victim_leases()
     drill.stack.kill(victim, signal.SIGKILL)
     drill.notes.append(f"killed a worker holding {held} leases")
 
@@ -216,16 +232,18 @@ DRILLS: dict[str, tuple[str, Callable[[Drill], None]]] = {
 
 # ------------------------------------------------------------------------------------------- drill
 
-def run_drill(name: str, lines: int, latency: float, lease: float, workdir: Path) -> dict[str, Any]:
+def run_drill(name: str, lines: int, latency: float, lease: float, workdir: Path,
+              database_url: str | None = None) -> dict[str, Any]:
     title, fault = DRILLS[name]
     tmp = workdir / name
     tmp.mkdir(parents=True)
-    with PrivateRedis(tmp) as private, MockServer(tmp, latency=latency) as mock:
+    with PrivateRedis(tmp) as private, MockServer(tmp, latency=latency) as mock, \
+            database(database_url, tmp) as sql_url:
         env = {"BELLAQ_BROKER_URL": private.url, "BELLAQ_WORKER_LEASE": str(lease),
                "BELLAQ_WORKER_LEASE_RENEW": str(max(0.5, lease / 3)), "BELLAQ_LOST_COMPLETION_GRACE": "2"}
         if name == "redis_down":
             env["BELLAQ_BATCH_CHUNK_SIZE"] = "100"
-        stack = Stack(tmp, unique_prefix("drill"), f"sqlite:///{tmp / 'drill.db'}", mock.base_url,
+        stack = Stack(tmp, unique_prefix("drill"), sql_url, mock.base_url,
                       redis_url=private.url, admin_key=ADMIN_KEY, **env)
         try:
             stack.start_web(workers=2)
@@ -319,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="mock upstream latency, seconds")
     parser.add_argument("--lease", type=float, default=30.0, help="BELLAQ_WORKER_LEASE of the stack, seconds")
     parser.add_argument("--only", action="append", choices=sorted(DRILLS), help="run only these drills")
+    parser.add_argument("--database", default="sqlite",
+                        help="sqlite (default) or a mysql+pymysql:// server URL (a fresh database per drill)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     args = parser.parse_args(argv)
     raise_nofile()
@@ -326,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bq-drill-") as workdir:
         for name in args.only or list(DRILLS):
             print(f"-- {name}", flush=True)
-            row = run_drill(name, args.lines, args.latency, args.lease, Path(workdir))
+            row = run_drill(name, args.lines, args.latency, args.lease, Path(workdir), args.database)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print()
@@ -335,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"{r['error_lines']} {r['error_codes'] or ''}".strip(),
                  ", ".join(f"{k}: {v}" for k, v in r["clients_saw"].items())] for r in rows])
     result = {"lines": args.lines, "latency_s": args.latency, "worker_lease_s": args.lease,
-              "stack": "gunicorn 2 gevent workers, 2 Celery gevent workers -c 16, beat, SQLite, private redis-server",
+              "database": "sqlite" if args.database == "sqlite" else "mysql",
+              "stack": "gunicorn 2 gevent workers, 2 Celery gevent workers -c 16, beat, private redis-server",
               "machine": "shared: 2 cores used by several engineers at once",
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "drills": rows}

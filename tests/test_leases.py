@@ -14,8 +14,9 @@ from bellaq.models import Task
 from bellaq.services import services
 from tests.batch_fixtures import CHAT, ext_queue  # noqa: F401 - fixture
 from tests.conftest import make_settings, wait_for
-from tests.engine_fixtures import engine, rclient  # noqa: F401 - fixtures
 from workers.leases import LeaseRenewer
+
+pytest_plugins = ("tests.engine_fixtures",)
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def take_ext(client, worker, **fields) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ engine
 
-def test_extend_many_renews_every_queue_level_in_one_call(engine):  # noqa: F811
+def test_extend_many_renews_every_queue_level_in_one_call(engine):
     engine.enqueue("a", 0, "t1", "{}")
     engine.enqueue("b", 2, "t2", "{}")
     engine.take([("a", 0)], 1, now_ms=1_000, lease_ms=500, holder="h")
@@ -50,7 +51,7 @@ def test_extend_many_renews_every_queue_level_in_one_call(engine):  # noqa: F811
     assert got[("b", 2)].renewed == {} and got[("b", 2)].wrong_holder == ["t2"]
 
 
-def test_rerun_puts_a_done_task_back_without_its_record(engine):  # noqa: F811
+def test_rerun_puts_a_done_task_back_without_its_record(engine):
     engine.enqueue("a", 0, "t1", '{"x": 1}', score=5)
     engine.take([("a", 0)], 1)
     assert engine.complete("a", 0, "t1", result='{"status_code": 200}') == "completed"
@@ -62,7 +63,7 @@ def test_rerun_puts_a_done_task_back_without_its_record(engine):  # noqa: F811
     assert [(t.task_id, t.payload, t.attempts) for t in taken] == [("t1", '{"x": 1}', 2)]
 
 
-def test_a_renewer_keeps_its_leases_and_drops_what_it_no_longer_holds(engine):  # noqa: F811
+def test_a_renewer_keeps_its_leases_and_drops_what_it_no_longer_holds(engine):
     for n in range(3):
         engine.enqueue("a", 0, f"t{n}", "{}")
     renewer = LeaseRenewer(engine, lease_s=0.3, every_s=0.05, holder="me")
