@@ -20,6 +20,7 @@ from bellaq.eventbus import COMPLETION, GROUP, STREAM_TTL_S, EventBus, lease_tok
 from bellaq.eventbus_access import glob_escape
 from bellaq.extensions import db
 from bellaq.models import Task
+from bellaq.services import services
 from bellaq.tasks import complete_task
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def complete_from_event(bus: EventBus, event: dict[str, Any]) -> str:
                     task_id)
         return "bad_result"
     task = db.session.get(Task, task_id)
-    if task is None or task.attempts != attempt:
-        db.session.rollback()
+    if task is None or services().engine.attempts_of(task.queue, task.id) != attempt:
+        db.session.rollback()  # a lease that ran out and was taken again has a newer attempt
         return "stale_lease"
     try:
         answer = complete_task(task, result)
