@@ -73,16 +73,6 @@ def parse_entry(fields: dict[str, str]) -> dict[str, Any] | None:
         return None
 
 
-def ensure_group(client: redis.Redis, stream: str) -> None:
-    """The consumer group of ``stream`` (made with the stream if need be), from its first entry."""
-    try:
-        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    except redis.ResponseError as err:
-        if "BUSYGROUP" not in str(err):
-            raise
-    client.expire(stream, STREAM_TTL_S)
-
-
 def lease_token_of(event: dict[str, Any]) -> Any:
     payload = event.get("payload")
     return payload.get("leaseToken") if isinstance(payload, dict) else None
@@ -94,6 +84,8 @@ class EventBus:
     def __init__(self, client: redis.Redis, prefix: str, instance_id: str) -> None:
         self.redis = client
         self.topic = topic(prefix)
+        # The streams web processes read (or read once): what the sweep looks at besides ``topic``.
+        self.streams_key = f"{prefix}:eventbus:streams"
         self.instance_id = instance_id
         self._waiters: dict[str, list[queue.Queue]] = {}
         # Instances a retried request attached to a task from (see ``watch_event``): this
@@ -115,6 +107,19 @@ class EventBus:
             pipe.xadd(stream, {"event": text, "sig": self.secret.sign(text)}, maxlen=STREAM_MAXLEN,
                       approximate=True)
         pipe.expire(stream, STREAM_TTL_S)
+        pipe.execute()
+
+    def ensure_group(self, stream: str) -> None:
+        """The consumer group of ``stream`` (made with the stream if need be), from its first
+        entry; the stream is listed for the sweep."""
+        try:
+            self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.expire(stream, STREAM_TTL_S)
+        pipe.sadd(self.streams_key, stream)
         pipe.execute()
 
     # ------------------------------------------------------------------ waiting
@@ -200,7 +205,7 @@ class EventBus:
         while not self._stop.is_set():
             try:
                 if not grouped:
-                    ensure_group(client, stream)
+                    self.ensure_group(stream)
                     grouped = True
                 batches = client.xreadgroup(GROUP, self.instance_id, {stream: ">"}, count=500, block=1000)
             except redis.ResponseError as err:

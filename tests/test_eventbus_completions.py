@@ -196,7 +196,7 @@ def test_the_token_of_an_expired_lease_ends_nothing(app, base, make_key):
 @pytest.mark.parametrize("server", ["redis7", "redis6.2"])
 def test_a_stream_whose_web_process_died_is_swept(request, settings, admin, monkeypatch, server):
     """A web process read one completion and died before acknowledging it; a second arrived after."""
-    from bellaq.eventbus import GROUP, ensure_group
+    from bellaq.eventbus import GROUP
     from bellaq.keys import create_key
     from tests.conftest import LiveServer, auth, running_app
 
@@ -217,7 +217,7 @@ def test_a_stream_whose_web_process_died_is_swept(request, settings, admin, monk
         main = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         assert main.info("server")["redis_version"].startswith(server[len("redis"):])
         stream = worker.topic + "web-that-died"
-        ensure_group(main, stream)
+        app.extensions["bellaq.eventbus"].ensure_group(stream)  # as its listener did
         worker.write("web-that-died", completion(first["task_id"], first["lease_token"], "first"))
         assert main.xreadgroup(GROUP, "web-that-died", {stream: ">"}, count=10)  # read, never acknowledged
         worker.write("web-that-died", completion(second["task_id"], second["lease_token"], "second"))
