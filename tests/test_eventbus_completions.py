@@ -83,8 +83,13 @@ def task_row(app, task_id: str) -> Task:
 
 
 def sweep(app) -> int:
+    """What beat runs every few seconds."""
+    from workers.celery_app import beat_schedule
+    from workers.maintenance import sweep_eventbus
+
+    assert beat_schedule()["sweep-eventbus"]["task"] == sweep_eventbus.name
     with app.app_context():
-        return event_completions.sweep()
+        return sweep_eventbus.run()
 
 
 def test_a_completion_event_ends_a_callback_task_nobody_waits_for(app, base, make_key, celery_worker):
