@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,6 +36,7 @@ PROGRESS = "task-progress-event"
 COMPLETION = "task-completion-event"
 WATCH = "bellaq-watch-event"
 MAX_FORWARDS = 10_000
+DROP_LOG_EVERY_S = 10.0
 STREAM_TTL_S = 3600
 STREAM_MAXLEN = 100_000
 GROUP = "bellaq"
@@ -95,6 +97,7 @@ class EventBus:
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         self.secret = BusSecret(client, prefix)
+        self._drops, self._drops_logged = 0, float("-inf")
         # Called with a worker's completion event whose lease token checked out.
         self.on_completion: Callable[[dict[str, Any]], None] | None = None
 
@@ -169,6 +172,15 @@ class EventBus:
             return parse_entry({"event": fields["event"]}), True
         return parse_entry(fields), False
 
+    def _dropped(self, task_id: str) -> None:
+        """Log events dropped for want of a valid lease token, at most once every few seconds."""
+        self._drops += 1
+        now = time.monotonic()
+        if now - self._drops_logged >= DROP_LOG_EVERY_S:
+            log.warning("dropped %d event(s) without a valid lease token (the last for task %s)", self._drops,
+                        task_id)
+            self._drops, self._drops_logged = 0, now
+
     def dispatch(self, fields: dict[str, str]) -> None:
         event, trusted = self.read(fields)
         if not isinstance(event, dict) or not isinstance(event.get("payload"), dict):
@@ -178,7 +190,7 @@ class EventBus:
             return
         if not trusted:
             if self.secret.token_attempt(task_id, lease_token_of(event)) is None:
-                log.warning("dropping an event for task %s without a valid lease token", task_id)
+                self._dropped(task_id)
                 return
             if event.get("name") == COMPLETION:
                 if self.on_completion is not None:
