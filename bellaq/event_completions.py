@@ -17,9 +17,9 @@ from flask import Flask, current_app
 
 from bellaq.errors import ApiError
 from bellaq.eventbus import COMPLETION, GROUP, STREAM_TTL_S, EventBus, lease_token_of
-from bellaq.eventbus_access import glob_escape
 from bellaq.extensions import db
 from bellaq.models import Task
+from bellaq.services import services
 from bellaq.tasks import complete_task
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def complete_from_event(bus: EventBus, event: dict[str, Any]) -> str:
                     task_id)
         return "bad_result"
     task = db.session.get(Task, task_id)
-    if task is None or task.attempts != attempt:
-        db.session.rollback()
+    if task is None or services().engine.attempts_of(task.queue, task.id) != attempt:
+        db.session.rollback()  # a lease that ran out and was taken again has a newer attempt
         return "stale_lease"
     try:
         answer = complete_task(task, result)
@@ -111,8 +111,15 @@ def sweep(limit: int = 500) -> int:
     bus: EventBus = current_app.extensions["bellaq.eventbus"]
     client = bus.redis
     ended = 0
-    match = glob_escape(bus.topic) + "*"
-    for stream in client.scan_iter(match=match, count=500, _type="stream"):
+    streams = [bus.topic, *sorted(client.smembers(bus.streams_key) - {bus.topic})]
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.exists(stream)
+    present = pipe.execute()
+    gone = [stream for stream, there in zip(streams, present, strict=True) if not there and stream != bus.topic]
+    if gone:
+        client.srem(bus.streams_key, *gone)  # expired: its web process has been gone an hour
+    for stream in [stream for stream, there in zip(streams, present, strict=True) if there]:
         if not any(g["name"] == GROUP for g in client.xinfo_groups(stream)):
             client.xgroup_create(stream, GROUP, id="0")
         _next, claimed, *_ = client.xautoclaim(stream, GROUP, SWEEPER, IDLE_MS, start_id="0-0", count=limit)

@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,6 +36,7 @@ PROGRESS = "task-progress-event"
 COMPLETION = "task-completion-event"
 WATCH = "bellaq-watch-event"
 MAX_FORWARDS = 10_000
+DROP_LOG_EVERY_S = 10.0
 STREAM_TTL_S = 3600
 STREAM_MAXLEN = 100_000
 GROUP = "bellaq"
@@ -73,16 +75,6 @@ def parse_entry(fields: dict[str, str]) -> dict[str, Any] | None:
         return None
 
 
-def ensure_group(client: redis.Redis, stream: str) -> None:
-    """The consumer group of ``stream`` (made with the stream if need be), from its first entry."""
-    try:
-        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    except redis.ResponseError as err:
-        if "BUSYGROUP" not in str(err):
-            raise
-    client.expire(stream, STREAM_TTL_S)
-
-
 def lease_token_of(event: dict[str, Any]) -> Any:
     payload = event.get("payload")
     return payload.get("leaseToken") if isinstance(payload, dict) else None
@@ -94,6 +86,8 @@ class EventBus:
     def __init__(self, client: redis.Redis, prefix: str, instance_id: str) -> None:
         self.redis = client
         self.topic = topic(prefix)
+        # The streams web processes read (or read once): what the sweep looks at besides ``topic``.
+        self.streams_key = f"{prefix}:eventbus:streams"
         self.instance_id = instance_id
         self._waiters: dict[str, list[queue.Queue]] = {}
         # Instances a retried request attached to a task from (see ``watch_event``): this
@@ -103,6 +97,7 @@ class EventBus:
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         self.secret = BusSecret(client, prefix)
+        self._drops, self._drops_logged = 0, float("-inf")
         # Called with a worker's completion event whose lease token checked out.
         self.on_completion: Callable[[dict[str, Any]], None] | None = None
 
@@ -115,6 +110,19 @@ class EventBus:
             pipe.xadd(stream, {"event": text, "sig": self.secret.sign(text)}, maxlen=STREAM_MAXLEN,
                       approximate=True)
         pipe.expire(stream, STREAM_TTL_S)
+        pipe.execute()
+
+    def ensure_group(self, stream: str) -> None:
+        """The consumer group of ``stream`` (made with the stream if need be), from its first
+        entry; the stream is listed for the sweep."""
+        try:
+            self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.expire(stream, STREAM_TTL_S)
+        pipe.sadd(self.streams_key, stream)
         pipe.execute()
 
     # ------------------------------------------------------------------ waiting
@@ -164,6 +172,15 @@ class EventBus:
             return parse_entry({"event": fields["event"]}), True
         return parse_entry(fields), False
 
+    def _dropped(self, task_id: str) -> None:
+        """Log events dropped for want of a valid lease token, at most once every few seconds."""
+        self._drops += 1
+        now = time.monotonic()
+        if now - self._drops_logged >= DROP_LOG_EVERY_S:
+            log.warning("dropped %d event(s) without a valid lease token (the last for task %s)", self._drops,
+                        task_id)
+            self._drops, self._drops_logged = 0, now
+
     def dispatch(self, fields: dict[str, str]) -> None:
         event, trusted = self.read(fields)
         if not isinstance(event, dict) or not isinstance(event.get("payload"), dict):
@@ -173,7 +190,7 @@ class EventBus:
             return
         if not trusted:
             if self.secret.token_attempt(task_id, lease_token_of(event)) is None:
-                log.warning("dropping an event for task %s without a valid lease token", task_id)
+                self._dropped(task_id)
                 return
             if event.get("name") == COMPLETION:
                 if self.on_completion is not None:
@@ -200,7 +217,7 @@ class EventBus:
         while not self._stop.is_set():
             try:
                 if not grouped:
-                    ensure_group(client, stream)
+                    self.ensure_group(stream)
                     grouped = True
                 batches = client.xreadgroup(GROUP, self.instance_id, {stream: ">"}, count=500, block=1000)
             except redis.ResponseError as err:

@@ -38,7 +38,7 @@ def username(prefix: str) -> str:
     return f"bellaq-eventbus-{hashlib.sha256(prefix.encode()).hexdigest()[:24]}"
 
 
-def glob_escape(text: str) -> str:
+def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
@@ -57,7 +57,7 @@ def ensure_user(client: redis.Redis, prefix: str) -> tuple[str, str]:
     try:
         # reset* first, so the user holds exactly these rights whatever an earlier version set.
         client.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", "-@all", "+xadd",
-                               f"~{glob_escape(topic(prefix))}*", "resetchannels")
+                               f"~{_glob_escape(topic(prefix))}*", "resetchannels")
     except redis.ResponseError as err:
         raise EventbusUnavailable(str(err)) from None
     return name, password

@@ -78,17 +78,19 @@ def _events(task_id: str, timeout: float, waiter: queue.Queue, recheck_s: float 
             return
 
 
-def _put_and_release(principal: Principal, body: dict[str, Any], task_id: str, record_id: int = 0) -> int:
-    """Accept the task, then hand the SQL connection back; returns the task's timeout. A failed
-    put frees the Idempotency-Key it reserved."""
+def _wait_and_put(principal: Principal, body: dict[str, Any], task_id: str, record_id: int) -> tuple[queue.Queue, int]:
+    """Wait for the task's events, then accept it and hand the SQL connection back; returns the
+    waiter and the task's timeout. A failed put frees the Idempotency-Key it reserved."""
+    waiter = bus().register(task_id)
     try:
         timeout = put(principal, body, task_id=task_id).timeout
     except Exception:
+        bus().unregister(task_id, waiter)
         if record_id:
             release(record_id)
         raise
     db.session.rollback()
-    return timeout
+    return waiter, timeout
 
 
 def _error_body(status: str, result: dict | None) -> tuple[int, dict]:
@@ -138,12 +140,7 @@ def _hold(task_id: str, timeout: float, waiter: queue.Queue, recheck_s: float = 
 
 def blocking(principal: Principal, body: dict[str, Any], task_id: str, record_id: int = 0) -> Response:
     """Hold the request until the task ends; answer with the upstream's status and body."""
-    waiter = bus().register(task_id)
-    try:
-        timeout = _put_and_release(principal, body, task_id, record_id)
-    except Exception:
-        bus().unregister(task_id, waiter)
-        raise
+    waiter, timeout = _wait_and_put(principal, body, task_id, record_id)
     return _hold(task_id, timeout, waiter)
 
 
@@ -186,12 +183,7 @@ def _stream(task_id: str, timeout: float, waiter: queue.Queue, recheck_s: float 
 
 def streaming(principal: Principal, body: dict[str, Any], task_id: str, record_id: int = 0) -> Response:
     """Answer ``text/event-stream`` for a new task."""
-    waiter = bus().register(task_id)
-    try:
-        timeout = _put_and_release(principal, body, task_id, record_id)
-    except Exception:
-        bus().unregister(task_id, waiter)
-        raise
+    waiter, timeout = _wait_and_put(principal, body, task_id, record_id)
     return _stream(task_id, timeout, waiter)
 
 

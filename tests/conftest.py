@@ -176,6 +176,18 @@ def live_server(app: Flask) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
+def ext_url(live_server: LiveServer, admin: dict[str, str]) -> str:
+    """The live server's URL, with a queue ``ext`` (for /v1/chat/completions) that only external
+    workers serve: nothing runs unless the test takes it."""
+    import requests
+
+    resp = requests.post(f"{live_server.url}/v1/queue/register", headers=admin, timeout=10,
+                         json={"queue": "ext", "endpoint": "/v1/chat/completions", "builtin": False})
+    assert resp.status_code == 200, resp.text
+    return live_server.url
+
+
+@pytest.fixture
 def mock_upstream():
     """The project's OpenAI-compatible mock, a real HTTP server in a thread."""
     from bellaq.mock_upstream import MockUpstream

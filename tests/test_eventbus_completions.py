@@ -66,11 +66,8 @@ class Worker:
 
 
 @pytest.fixture
-def base(live_server, admin):
-    resp = requests.post(f"{live_server.url}/v1/queue/register", headers=admin, timeout=10,
-                         json={"queue": "ext", "endpoint": CHAT, "builtin": False})
-    assert resp.status_code == 200
-    return live_server.url
+def base(ext_url):
+    return ext_url
 
 
 def put(base: str, user: dict, **fields) -> requests.Response:
@@ -86,8 +83,13 @@ def task_row(app, task_id: str) -> Task:
 
 
 def sweep(app) -> int:
+    """What beat runs every few seconds."""
+    from workers.celery_app import beat_schedule
+    from workers.maintenance import sweep_eventbus
+
+    assert beat_schedule()["sweep-eventbus"]["task"] == sweep_eventbus.name
     with app.app_context():
-        return event_completions.sweep()
+        return sweep_eventbus.run()
 
 
 def test_a_completion_event_ends_a_callback_task_nobody_waits_for(app, base, make_key, celery_worker):
@@ -199,7 +201,7 @@ def test_the_token_of_an_expired_lease_ends_nothing(app, base, make_key):
 @pytest.mark.parametrize("server", ["redis7", "redis6.2"])
 def test_a_stream_whose_web_process_died_is_swept(request, settings, admin, monkeypatch, server):
     """A web process read one completion and died before acknowledging it; a second arrived after."""
-    from bellaq.eventbus import GROUP, ensure_group
+    from bellaq.eventbus import GROUP
     from bellaq.keys import create_key
     from tests.conftest import LiveServer, auth, running_app
 
@@ -220,7 +222,7 @@ def test_a_stream_whose_web_process_died_is_swept(request, settings, admin, monk
         main = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         assert main.info("server")["redis_version"].startswith(server[len("redis"):])
         stream = worker.topic + "web-that-died"
-        ensure_group(main, stream)
+        app.extensions["bellaq.eventbus"].ensure_group(stream)  # as its listener did
         worker.write("web-that-died", completion(first["task_id"], first["lease_token"], "first"))
         assert main.xreadgroup(GROUP, "web-that-died", {stream: ">"}, count=10)  # read, never acknowledged
         worker.write("web-that-died", completion(second["task_id"], second["lease_token"], "second"))

@@ -21,11 +21,8 @@ CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture
-def base(live_server, admin):
-    resp = requests.post(f"{live_server.url}/v1/queue/register", headers=admin, timeout=10,
-                         json={"queue": "ext", "endpoint": CHAT, "builtin": False})
-    assert resp.status_code == 200
-    return live_server.url
+def base(ext_url):
+    return ext_url
 
 
 def put(base: str, user: dict, key: str, stream: bool = False, text: str = "x", **fields) -> requests.Response:

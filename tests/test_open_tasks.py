@@ -19,12 +19,9 @@ BOUND = 3
 
 
 @pytest.fixture
-def base(live_server, admin, settings):
+def base(ext_url, settings):
     settings.max_open_tasks_per_owner = BOUND
-    resp = requests.post(f"{live_server.url}/v1/queue/register", headers=admin, timeout=10,
-                         json={"queue": "ext", "endpoint": CHAT, "builtin": False})
-    assert resp.status_code == 200
-    return live_server.url
+    return ext_url
 
 
 def put(base: str, user: dict, **fields) -> requests.Response:

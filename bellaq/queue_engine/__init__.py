@@ -27,7 +27,8 @@ instants, are passed in, so hosts with skewed clocks agree; ``now_ms`` overrides
   (a done task back to waiting, its record dropped: its answer reached nobody).
 - ``cancel(queue, level, task_id) -> 'waiting' | 'leased' | 'delayed' | 'absent'``;
   ``clear(queue, level) -> ids`` (waiting and delayed); ``is_known(queue, level, task_id)``.
-  ``lease_holder(queue, task_id) -> str | None`` (the holder a lease names).
+  ``lease_holder(queue, task_id) -> str | None`` (the holder a lease names);
+  ``attempts_of(queue, task_id) -> int | None`` (times taken, until done).
 - ``requeue_expired(queue, level, now_ms=None, limit=1000) -> ExpiredLeases`` (the reaper:
   leases that ran out, due delayed tasks, done trimming); ``requeue_all_expired(now_ms=None)``.
 - ``set_limits(queue, rpm=None, tpm=None, max_in_flight=None, burst_ms=1000)``;

@@ -521,6 +521,12 @@ class QueueEngine:
         parts = as_str(record).split(" ", 3)
         return parts[3] if len(parts) == 4 else ""
 
+    def attempts_of(self, queue: str, task_id: str) -> int | None:
+        """How many times the task was taken (its current lease's attempt); None once it is done."""
+        check_task_id(task_id)
+        value = self.redis.hget(self._hkey(queue, "attempts"), task_id)
+        return None if value is None else int(value)
+
 
 def _queue_stats(answer: Sequence[Any]) -> QueueStats:
     *counts, due = (int(x) for x in answer)
