@@ -193,7 +193,10 @@ class _Drain:
             return
         if self.config["strategy"] == "sequential":
             self.flush()  # its slot frees only once the running task is completed
-        got = task_service.take_within_limits([(self.queue, self.level)], self.slots - len(self.inflight),
+        free = self.slots - len(self.inflight)
+        if free <= 0:
+            return
+        got = task_service.take_within_limits([(self.queue, self.level)], free,
                                               self.config["strategy"], self.svc.settings.default_process_timeout,
                                               self.svc.settings.default_max_retries, self.svc.settings.worker_lease,
                                               leases.renewer().holder)
