@@ -300,7 +300,8 @@ def test_one_delivery_one_webhook_id_the_same_body_across_retries(app, client, u
             for headers, body in receiver.calls:
                 verify(secret, headers, body)
             svc = services()
-            assert svc.redis.zscore(svc.key("callbacks", "pending"), task_id) is None  # nothing left to sweep
+            # nothing left to sweep (the entry goes right after the SQL write the poll above saw)
+            wait_for(lambda: svc.redis.zscore(svc.key("callbacks", "pending"), task_id) is None)
             assert callbacks.sweep.run() == 0
             # a duplicate of an attempt already made sends nothing
             callbacks.deliver.run(task_id, 3)
