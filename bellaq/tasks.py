@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, inspect, select, update
+from sqlalchemy import bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq import metrics, open_tasks, token_cost
@@ -275,35 +275,24 @@ def complete_task(task: Task, result: dict[str, Any], holder: str | None = None)
 
 def complete_many(results: dict[str, dict[str, Any]]) -> int:
     """Complete tasks leased by built-in workers: claimed in the engine in one round trip, then
-    written in one SQL transaction (Core rows, no unit of work). Tasks nobody holds any more
-    (cancelled, timed out) are dropped."""
+    one SQL transaction per end status. Tasks nobody holds any more (cancelled, timed out) are
+    dropped."""
     if not results:
         return 0
-    table = Task.__table__
-    rows = db.session.connection().execute(
-        select(table).where(table.c.id.in_(list(results)))).mappings().all()
-    tasks = [Task(**row) for row in rows]
-    oks = [200 <= results[t.id]["status_code"] < 300 for t in tasks]
+    rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
+    oks = [200 <= results[t.id]["status_code"] < 300 for t in rows]
     items = [Completion(t.queue, t.level, t.id, not ok, json.dumps(results[t.id]),
                         tokens=token_cost.used(results[t.id]))
-             for t, ok in zip(tasks, oks, strict=True)]
+             for t, ok in zip(rows, oks, strict=True)]
     outcomes = services().engine.complete_many(items)
     fault_point("after_engine_complete")
     by_status: dict[str, list[Task]] = defaultdict(list)
-    for task, ok, outcome in zip(tasks, oks, outcomes, strict=True):
+    for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
         if outcome == "completed":
             by_status[SUCCEEDED if ok else FAILED].append(task)
-    if not by_status:
-        db.session.rollback()
-        return 0
-    now = now_ms()
-    changed = {status: _claim(group, status, now, results=results) for status, group in by_status.items()}
-    db.session.commit()
-    ended = [task for status, pairs in changed.items() for task in _ended(pairs, status, now)]
+    ended = sum(len(finish(group, status, results=results)) for status, group in by_status.items())
     _forget_recorded([t for group in by_status.values() for t in group])
-    if ended:
-        services().task_ended(ended)
-    return len(ended)
+    return ended
 
 
 def _forget_recorded(tasks: Sequence[Task]) -> None:
