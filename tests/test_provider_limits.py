@@ -211,14 +211,27 @@ def test_tpm_holds_the_tokens_per_window_and_is_corrected_to_the_reported_usage(
 
 
 @pytest.mark.slow
-def test_two_worker_processes_and_an_http_taker_share_one_rpm(stack, mock_upstream):
+def test_two_worker_processes_and_an_http_taker_share_one_rpm(tmp_path, redis_prefix, database_url, mock_upstream):
+
+
+    from tests.conftest import ADMIN_KEY, auth
+    from tests.stack import Stack
+
+    admin = auth(ADMIN_KEY)
+    stack = Stack(tmp_path, redis_prefix, database_url, mock_upstream.base_url)
+    try:
+        _share_one_rpm(stack, admin, mock_upstream)
+    finally:
+        stack.stop()
+
+
+def _share_one_rpm(stack, admin, mock_upstream):
     import threading
 
     import requests
 
-    from tests.conftest import ADMIN_KEY, auth
+    from tests.conftest import auth
 
-    admin = auth(ADMIN_KEY)
     stack.start_web(workers=1)
     stack.start_worker(concurrency=4)
     stack.start_worker(concurrency=4)
