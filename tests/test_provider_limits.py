@@ -117,6 +117,25 @@ def test_a_429_delays_the_task_pauses_the_queue_and_the_retry_succeeds(app, clie
     assert mock_upstream.request_count == 2
 
 
+def test_a_queue_without_rates_follows_the_upstream_s_announced_limit_and_pauses_when_it_runs_out(
+        app, client, admin, user, celery_worker, mock_upstream):
+    register(client, admin)
+    mock_upstream.rpm = 2  # a bucket of two requests, refilled in a minute
+    first = [put(client, user) for _ in range(2)]
+    for task_id in first:
+        assert wait_for(lambda t=task_id: ended(client, user, t))["status"] == "succeeded"
+    with app.app_context():
+        from bellaq.services import services
+
+        limits = services().engine.limit_stats("lim")
+    assert limits.rpm == 2  # x-ratelimit-limit-requests, while the registration sets none
+    assert limits.paused_until > 0  # the second answer said x-ratelimit-remaining-requests: 0
+    assert client.get("/v1/queue/lim/metadata", headers=admin).json["rpm"] is None
+    third = put(client, user)
+    assert task_of(client, user, third)["status"] == "waiting"
+    assert mock_upstream.request_count == 2
+
+
 def test_an_online_task_whose_timeout_allows_no_retry_ends_with_the_last_answer(client, admin, user, celery_worker,
                                                                                 mock_upstream):
     register(client, admin)
