@@ -38,7 +38,7 @@ MAX_PAUSE_S = 300.0
 PAUSING = (429, 503)
 FOLLOW_EVERY_S = 30.0
 
-_followed: dict[str, tuple[tuple[int | None, int | None, int | None], float]] = {}
+_followed: dict[tuple[str, str], tuple[tuple[int | None, int | None, int | None], float]] = {}
 
 
 def is_transient(status_code: int) -> bool:
@@ -85,12 +85,13 @@ def follow_announced_limits(queue: str, config: dict[str, Any], rpm: int | None,
     wanted = (config.get("rpm") or rpm, config.get("tpm") or tpm, config.get("max_in_flight"))
     if wanted[:2] == (config.get("rpm"), config.get("tpm")):
         return  # nothing announced beyond what is configured
+    engine = services().engine
     now = time.monotonic()
-    last = _followed.get(queue)
+    last = _followed.get((engine.prefix, queue))
     if last is not None and last[0] == wanted and now - last[1] < FOLLOW_EVERY_S:
         return
-    _followed[queue] = (wanted, now)
-    services().engine.set_limits(queue, rpm=wanted[0], tpm=wanted[1], max_in_flight=wanted[2])
+    _followed[(engine.prefix, queue)] = (wanted, now)
+    engine.set_limits(queue, rpm=wanted[0], tpm=wanted[1], max_in_flight=wanted[2])
 
 
 def retry_later(retries: Sequence[Retry]) -> tuple[float | None, dict[str, dict[str, Any]]]:

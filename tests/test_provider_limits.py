@@ -117,6 +117,25 @@ def test_a_429_delays_the_task_pauses_the_queue_and_the_retry_succeeds(app, clie
     assert mock_upstream.request_count == 2
 
 
+def test_a_queue_without_rates_follows_the_upstream_s_announced_limit_and_pauses_when_it_runs_out(
+        app, client, admin, user, celery_worker, mock_upstream):
+    register(client, admin)
+    mock_upstream.rpm = 2  # a bucket of two requests, refilled in a minute
+    first = [put(client, user) for _ in range(2)]
+    for task_id in first:
+        assert wait_for(lambda t=task_id: ended(client, user, t))["status"] == "succeeded"
+    with app.app_context():
+        from bellaq.services import services
+
+        limits = services().engine.limit_stats("lim")
+    assert limits.rpm == 2  # x-ratelimit-limit-requests, while the registration sets none
+    assert limits.paused_until > 0  # the second answer said x-ratelimit-remaining-requests: 0
+    assert client.get("/v1/queue/lim/metadata", headers=admin).json["rpm"] is None
+    third = put(client, user)
+    assert task_of(client, user, third)["status"] == "waiting"
+    assert mock_upstream.request_count == 2
+
+
 def test_an_online_task_whose_timeout_allows_no_retry_ends_with_the_last_answer(client, admin, user, celery_worker,
                                                                                 mock_upstream):
     register(client, admin)
@@ -211,14 +230,27 @@ def test_tpm_holds_the_tokens_per_window_and_is_corrected_to_the_reported_usage(
 
 
 @pytest.mark.slow
-def test_two_worker_processes_and_an_http_taker_share_one_rpm(stack, mock_upstream):
+def test_two_worker_processes_and_an_http_taker_share_one_rpm(tmp_path, redis_prefix, database_url, mock_upstream):
+
+
+    from tests.conftest import ADMIN_KEY, auth
+    from tests.stack import Stack
+
+    admin = auth(ADMIN_KEY)
+    stack = Stack(tmp_path, redis_prefix, database_url, mock_upstream.base_url)
+    try:
+        _share_one_rpm(stack, admin, mock_upstream)
+    finally:
+        stack.stop()
+
+
+def _share_one_rpm(stack, admin, mock_upstream):
     import threading
 
     import requests
 
-    from tests.conftest import ADMIN_KEY, auth
+    from tests.conftest import auth
 
-    admin = auth(ADMIN_KEY)
     stack.start_web(workers=1)
     stack.start_worker(concurrency=4)
     stack.start_worker(concurrency=4)
