@@ -17,7 +17,7 @@ from bellaq.extensions import db
 from bellaq.idempotency import PENDING, fingerprint, header_key, in_progress, release, reserve
 from bellaq.keys import Principal
 from bellaq.models import Task
-from bellaq.models.tasks import CANCELLED, END_STATUSES
+from bellaq.models.tasks import END_STATUSES, TaskStatus
 from bellaq.services import services
 from bellaq.tasks import end_as_timeout, new_task_id, put
 
@@ -96,7 +96,7 @@ def _wait_and_put(principal: Principal, body: dict[str, Any], task_id: str, reco
 def _error_body(status: str, result: dict | None) -> tuple[int, dict]:
     if result is not None:
         return result.get("status_code", 500), result.get("body")
-    if status == CANCELLED:
+    if status == TaskStatus.CANCELLED:
         return 409, error_body("The task was cancelled before it finished.", code="task_cancelled")
     return 500, error_body(f"The task ended as {status} without a result.", "server_error", code="no_result")
 

@@ -14,7 +14,7 @@ from bellaq.errors import BadRequest, NotFound, Unavailable
 from bellaq.extensions import db
 from bellaq.keys import Principal
 from bellaq.models import Queue, Task
-from bellaq.models.tasks import CANCELLED
+from bellaq.models.tasks import TaskStatus
 from bellaq.queue_engine import QUEUE_NAME_RE, STRATEGIES, parse_full_queue
 from bellaq.registry_cache import bump_quietly, registry_cache
 from bellaq.services import services
@@ -222,10 +222,10 @@ def resolve_queue(endpoint: str, model: Any, explicit: str | None, param: str = 
 
 def clear_waiting(queue: str, level: int) -> int:
     """Cancel every waiting task of ``queue:level`` (running ones go on)."""
-    from bellaq.tasks import finish
+    from bellaq.tasks import write_end_state
 
     ids = services().engine.clear(queue, level)
     for start in range(0, len(ids), 1000):
         tasks = db.session.execute(db.select(Task).where(Task.id.in_(ids[start:start + 1000]))).scalars().all()
-        finish(tasks, CANCELLED)
+        write_end_state(tasks, TaskStatus.CANCELLED)
     return len(ids)

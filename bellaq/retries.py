@@ -29,7 +29,7 @@ from bellaq import token_cost
 from bellaq.clock import now_ms
 from bellaq.extensions import db
 from bellaq.models import Task
-from bellaq.models.tasks import OPEN_STATUSES, WAITING
+from bellaq.models.tasks import OPEN_STATUSES, TaskStatus
 from bellaq.services import services
 
 BACKOFF_BASE_S = 1.0
@@ -120,7 +120,7 @@ def retry_later(retries: Sequence[Retry]) -> tuple[float | None, dict[str, dict[
         db.session.execute(
             update(table).where(table.c.id == bindparam("tid"),
                                 or_(*(table.c.status == status for status in OPEN_STATUSES)))
-            .values(status=WAITING, last_status_code=bindparam("code")),
+            .values(status=TaskStatus.WAITING, last_status_code=bindparam("code")),
             [{"tid": r.task["task_id"], "code": r.result["status_code"]} for r, _ in delays])
         db.session.commit()
         engine = services().engine

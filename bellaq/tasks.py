@@ -24,17 +24,7 @@ from bellaq.ids import new_id
 from bellaq.keys import Principal
 from bellaq.lease_tokens import BUILTIN_HOLDER, holder_of
 from bellaq.models import Queue, Task
-from bellaq.models.tasks import (
-    CANCELLED,
-    END_STATUSES,
-    FAILED,
-    OPEN_STATUSES,
-    QUEUED,
-    RESPONSE_MODES,
-    SUCCEEDED,
-    TIMEOUT,
-    WAITING,
-)
+from bellaq.models.tasks import END_STATUSES, OPEN_STATUSES, RESPONSE_MODES, TaskStatus
 from bellaq.put_group import PendingPut, put_group
 from bellaq.queue_engine import STRATEGIES, Completion, TakenTask
 from bellaq.queues import QueueRef, check_endpoint, full_queue, push_all_limits, resolve_queue
@@ -120,7 +110,7 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
         "queue": queue_name,
         "level": level,
         "data": json.dumps(data),
-        "status": WAITING,
+        "status": TaskStatus.WAITING,
         "response_mode": mode,
         "callback_url": callback_url or "",
         "timeout": timeout,
@@ -193,8 +183,8 @@ def _ended(changed: Sequence[tuple[Task, str | None]], status: str, now: int) ->
     return [task for task, _ in changed]
 
 
-def finish(tasks: Sequence[Task], status: str, result: dict | None = None,
-           results: dict[str, dict] | None = None) -> list[Task]:
+def write_end_state(tasks: Sequence[Task], status: str, result: dict | None = None,
+                    results: dict[str, dict] | None = None) -> list[Task]:
     """Write the end state of tasks the engine has already released; returns those that changed.
 
     Each row is claimed with ``UPDATE ... WHERE status IN (open)``, so of two enders only one
@@ -218,7 +208,7 @@ def cancel(principal: Principal, task_id: str) -> Task:
         raise Conflict(f"Task '{task_id}' already ended as {task.status}; there is nothing to cancel.",
                        param="task_id", code="task_already_ended")
     services().engine.cancel(task.queue, task.level, task.id)
-    changed = finish([task], CANCELLED, None)
+    changed = write_end_state([task], TaskStatus.CANCELLED, None)
     if not changed:
         db.session.refresh(task)
         raise Conflict(f"Task '{task_id}' already ended as {task.status}; there is nothing to cancel.",
@@ -234,7 +224,7 @@ def end_as_timeout(task: Task) -> bool:
         if task.status in END_STATUSES:
             return False
     result = error_result(408, f"The task did not finish within its timeout of {task.timeout} s.", "timeout")
-    return bool(finish([task], TIMEOUT, result))
+    return bool(write_end_state([task], TaskStatus.TIMEOUT, result))
 
 
 def complete(task_id: str, body: dict[str, Any], holder: str | None = None) -> dict[str, Any]:
@@ -257,7 +247,7 @@ def complete_task(task: Task, result: dict[str, Any], holder: str | None = None)
     outcome = engine.complete(task.queue, task.level, task.id, failed=not ok, holder=holder,
                               result=json.dumps(result), tokens=token_cost.used(result))
     if outcome == "completed":
-        finish([task], SUCCEEDED if ok else FAILED, result)
+        write_end_state([task], TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED, result)
         engine.forget_results(task.queue, [task.id])
         return {"task_id": task.id, "completed": True, "status": task.status}
     if outcome == "wrong_holder":
@@ -289,8 +279,8 @@ def complete_many(results: dict[str, dict[str, Any]]) -> int:
     by_status: dict[str, list[Task]] = defaultdict(list)
     for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
         if outcome == "completed":
-            by_status[SUCCEEDED if ok else FAILED].append(task)
-    ended = sum(len(finish(group, status, results=results)) for status, group in by_status.items())
+            by_status[TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED].append(task)
+    ended = sum(len(write_end_state(group, status, results=results)) for status, group in by_status.items())
     _forget_recorded([t for group in by_status.values() for t in group])
     return ended
 
@@ -371,9 +361,9 @@ def _finish_recorded(limit: int) -> int:
             for task in lost:
                 if task.id in results:
                     ok = 200 <= int(results[task.id].get("status_code", 0)) < 300
-                    groups[SUCCEEDED if ok else FAILED].append(task)
+                    groups[TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED].append(task)
             for status, group in groups.items():
-                count += len(finish(group, status, results=results))
+                count += len(write_end_state(group, status, results=results))
             settled.update(results)
         if settled:
             engine.forget_results(queue, sorted(settled))
@@ -384,7 +374,7 @@ def _rerun_unrecorded(limit: int) -> int:
     svc = services()
     cutoff = now_ms() - (svc.settings.default_process_timeout + 60) * 1000
     rows = db.session.execute(
-        db.select(Task).where(Task.status == QUEUED, Task.running_time < cutoff).limit(limit)
+        db.select(Task).where(Task.status == TaskStatus.QUEUED, Task.running_time < cutoff).limit(limit)
     ).scalars().all()
     lost = [t for t in rows if svc.engine.is_known(t.queue, t.level, t.id) == "done"]
     rerun: list[Task] = []
@@ -397,14 +387,15 @@ def _rerun_unrecorded(limit: int) -> int:
             rerun.append(task)
     if rerun:
         ids = [t.id for t in rerun]
-        db.session.execute(update(Task).where(Task.id.in_(ids), Task.status == QUEUED).values(status=WAITING))
+        db.session.execute(update(Task).where(Task.id.in_(ids), Task.status == TaskStatus.QUEUED)
+                           .values(status=TaskStatus.WAITING))
         db.session.commit()
         for (queue, level), n in _count_by_level(rerun).items():
             if _is_builtin(queue):
                 svc.work_ready(queue, level, n)
     result = error_result(502, "The worker that ran this request stopped before recording its answer.",
                           "worker_lost", "upstream_error")
-    return len(rerun) + len(finish(failed, FAILED, result))
+    return len(rerun) + len(write_end_state(failed, TaskStatus.FAILED, result))
 
 
 def _count_by_level(tasks: Sequence[Task]) -> dict[tuple[str, int], int]:
@@ -494,13 +485,14 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         if task.get("expire_time") and not task.get("batch_id") and task["expire_time"] < now:
             overdue.append(item)
             continue
-        task.update(status=QUEUED, attempts=item.attempts, running_time=now, result=None, completed_time=None)
+        task.update(status=TaskStatus.QUEUED, attempts=item.attempts, running_time=now, result=None,
+                    completed_time=None)
         out.append(task)
     if out:
         table = Task.__table__
         db.session.connection().execute(
             update(table).where(table.c.id == bindparam("tid"))
-            .values(status=QUEUED, attempts=bindparam("n"), running_time=now),
+            .values(status=TaskStatus.QUEUED, attempts=bindparam("n"), running_time=now),
             [{"tid": t["task_id"], "n": t["attempts"]} for t in out],
         )
         db.session.commit()
@@ -515,8 +507,8 @@ def _end_overdue(items: Sequence[TakenTask]) -> None:
         engine.complete(item.queue, item.level, item.task_id, failed=True)
     tasks = db.session.execute(db.select(Task).where(Task.id.in_([i.task_id for i in items]))).scalars().all()
     for task in tasks:
-        finish([task], TIMEOUT, error_result(408, f"The task waited longer than its timeout of {task.timeout} s.",
-                                             "timeout"))
+        message = f"The task waited longer than its timeout of {task.timeout} s."
+        write_end_state([task], TaskStatus.TIMEOUT, error_result(408, message, "timeout"))
 
 
 # ------------------------------------------------------------------------------------------ reaping
@@ -529,7 +521,8 @@ def reap(now: int | None = None) -> dict[str, int]:
     for (queue, level), res in svc.engine.requeue_all_expired(now).items():
         if res.requeued:
             db.session.execute(
-                update(Task).where(Task.id.in_(res.requeued), Task.status == QUEUED).values(status=WAITING)
+                update(Task).where(Task.id.in_(res.requeued), Task.status == TaskStatus.QUEUED)
+                .values(status=TaskStatus.WAITING)
             )
             db.session.commit()
             requeued += len(res.requeued)
@@ -542,15 +535,17 @@ def reap(now: int | None = None) -> dict[str, int]:
             for task in tasks:
                 message = (f"The task's lease of process_timeout ran out {task.attempts} times without a "
                            "complete; it will not be retried.")
-                failed += len(finish([task], FAILED, error_result(408, message, "lease_expired", "timeout")))
+                lost = error_result(408, message, "lease_expired", "timeout")
+                failed += len(write_end_state([task], TaskStatus.FAILED, lost))
     cutoff = now if now is not None else now_ms()
     overdue = db.session.execute(
-        db.select(Task).where(Task.status == WAITING, Task.batch_id == "", Task.expire_time < cutoff).limit(1000)
+        db.select(Task)
+        .where(Task.status == TaskStatus.WAITING, Task.batch_id == "", Task.expire_time < cutoff).limit(1000)
     ).scalars().all()
     for task in overdue:
         if svc.engine.cancel(task.queue, task.level, task.id) != "leased":
             message = f"The task waited longer than its timeout of {task.timeout} s."
-            timed_out += len(finish([task], TIMEOUT, error_result(408, message, "timeout")))
+            timed_out += len(write_end_state([task], TaskStatus.TIMEOUT, error_result(408, message, "timeout")))
     lost = end_lost_completions()
     return {"requeued": requeued, "failed": failed, "timed_out": timed_out, "lost": lost}
 

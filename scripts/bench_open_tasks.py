@@ -48,7 +48,7 @@ def run(url: str, open_n: int, owners: int, n: int) -> dict:
     from bellaq.db import init_db
     from bellaq.extensions import db
     from bellaq.models import Task
-    from bellaq.models.tasks import OPEN_STATUSES, WAITING
+    from bellaq.models.tasks import OPEN_STATUSES, TaskStatus
 
     prefix = f"bqbench{uuid.uuid4().hex[:8]}"
     settings = Settings.from_env().replace(database_url=url, redis_url=REDIS_URL, redis_prefix=prefix)
@@ -61,7 +61,8 @@ def run(url: str, open_n: int, owners: int, n: int) -> dict:
             for i in range(open_n):
                 owner = big if i % 2 == 0 else f"owner-{1 + i % max(1, owners - 1)}"
                 rows.append({"id": f"task_{i:024d}", "owner": owner, "batch_id": "", "endpoint": "/v1/chat/completions",
-                             "queue": "q", "level": 0, "data": "{}", "status": WAITING, "response_mode": "callback",
+                             "queue": "q", "level": 0, "data": "{}", "status": TaskStatus.WAITING,
+                             "response_mode": "callback",
                              "callback_url": "", "timeout": 300, "instance_id": "", "start_time": i,
                              "expire_time": i + 300_000, "attempts": 0})
                 if len(rows) == 5000:

@@ -158,7 +158,7 @@ def test_a_completer_and_the_reaper_end_a_task_once(app, client, user, worker, e
         services().on_task_end.append(lambda tasks: ended.extend(t.id for t in tasks))
         task_service.reap()
         task = db.session.get(Task, task_id)
-        assert task_service.finish([task], "succeeded", result) == []
+        assert task_service.write_end_state([task], "succeeded", result) == []
     assert ended == [task_id]
 
 

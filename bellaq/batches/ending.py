@@ -12,9 +12,9 @@ from bellaq.clock import now_s
 from bellaq.extensions import db
 from bellaq.models import Batch, Task
 from bellaq.models.batches import BatchStatus
-from bellaq.models.tasks import CANCELLED, FAILED, OPEN_STATUSES, TIMEOUT
+from bellaq.models.tasks import OPEN_STATUSES, TaskStatus
 from bellaq.services import services
-from bellaq.tasks import error_result, finish
+from bellaq.tasks import error_result, write_end_state
 
 PAGE = 1000
 
@@ -22,13 +22,13 @@ PAGE = 1000
 def ended_result(ending: str, batch: Batch) -> tuple[str, dict | None]:
     """The end status and result of a task that the batch's ``ending`` ends."""
     if ending == BatchStatus.EXPIRED:
-        return TIMEOUT, error_result(
+        return TaskStatus.TIMEOUT, error_result(
             408, f"The batch's completion window of {batch.completion_window} ended before this request finished.",
             "batch_expired", "timeout")
     if ending == BatchStatus.FAILED:
-        return FAILED, error_result(
+        return TaskStatus.FAILED, error_result(
             500, "The batch failed before this request finished; its errors say why.", "batch_failed", "server_error")
-    return CANCELLED, None
+    return TaskStatus.CANCELLED, None
 
 
 def end_open_tasks(batch_id: str, force: bool = False) -> int:
@@ -52,7 +52,7 @@ def end_open_tasks(batch_id: str, force: bool = False) -> int:
         if not rows:
             return ended
         claimed = [t for t in rows if force or engine.cancel(t.queue, t.level, t.id) != "absent"]
-        ended += len(finish(claimed, status, result))
+        ended += len(write_end_state(claimed, status, result))
         last = rows[-1].id
 
 

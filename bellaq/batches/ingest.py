@@ -41,7 +41,7 @@ from bellaq.clock import now_ms, now_s
 from bellaq.extensions import db
 from bellaq.models import Batch, File, Queue, Task
 from bellaq.models.batches import FINAL_STAMPS, BatchStatus
-from bellaq.models.tasks import WAITING
+from bellaq.models.tasks import TaskStatus
 from bellaq.queues import resolve_queue
 from bellaq.services import services
 from bellaq.tasks import queue_cost, task_payload
@@ -287,7 +287,7 @@ def _insert_tasks(batch: Batch, source: File, max_line: int, reader: _Reader) ->
     start = now_ms()
     base_score = time.time_ns() // 1000
     common = {"owner": batch.owner, "batch_id": batch.id, "endpoint": batch.endpoint, "queue": batch.queue,
-              "level": BATCH_LEVEL, "status": WAITING, "response_mode": "callback", "callback_url": "",
+              "level": BATCH_LEVEL, "status": TaskStatus.WAITING, "response_mode": "callback", "callback_url": "",
               "timeout": svc.settings.default_task_timeout, "instance_id": "", "start_time": start,
               "expire_time": (batch.expires_at or now_s()) * 1000, "attempts": 0, "result": None,
               "completed_time": None}
@@ -360,7 +360,7 @@ def _reenqueue_waiting(batch: Batch, builtin: bool) -> None:
     last = ""
     while True:
         rows = db.session.execute(
-            db.select(Task).where(Task.batch_id == batch.id, Task.status == WAITING, Task.id > last)
+            db.select(Task).where(Task.batch_id == batch.id, Task.status == TaskStatus.WAITING, Task.id > last)
             .order_by(Task.id).limit(PAGE)).scalars().all()
         if not rows:
             return

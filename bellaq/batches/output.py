@@ -23,7 +23,7 @@ from bellaq.extensions import db
 from bellaq.models import Batch, Task
 from bellaq.models.batches import FINAL_STAMPS, FINAL_STATUSES, BatchStatus
 from bellaq.models.files import BATCH_OUTPUT
-from bellaq.models.tasks import CANCELLED, FAILED, OPEN_STATUSES, SUCCEEDED
+from bellaq.models.tasks import OPEN_STATUSES, TaskStatus
 from bellaq.services import services
 
 SHARD_LINES = 5000
@@ -84,7 +84,7 @@ def _error_line(task_id: str, custom_id: str, code: str, message: str) -> str:
 def result_line(task_id: str, custom_id: str, status: str, result_text: str | None,
                 target: str) -> tuple[bool, str]:
     """(goes to the output file, the JSONL line) of one task of a batch that ends as ``target``."""
-    if status == SUCCEEDED and result_text:
+    if status == TaskStatus.SUCCEEDED and result_text:
         return True, f'{{"id":{json.dumps(task_id)},"custom_id":{json.dumps(custom_id)},' \
                      f'"response":{result_text},"error":null}}\n'
     result = json.loads(result_text) if result_text else None
@@ -92,7 +92,7 @@ def result_line(task_id: str, custom_id: str, status: str, result_text: str | No
         body = result.get("body")
         error = body.get("error") if isinstance(body, dict) else None
         code = error.get("code") if isinstance(error, dict) else None
-        if status == FAILED and result.get("request_id") and code not in NO_ANSWER_CODES:
+        if status == TaskStatus.FAILED and result.get("request_id") and code not in NO_ANSWER_CODES:
             response = {"status_code": result.get("status_code"), "request_id": result.get("request_id"),
                         "body": body}
             return False, json.dumps({"id": task_id, "custom_id": custom_id, "response": response,
@@ -100,7 +100,7 @@ def result_line(task_id: str, custom_id: str, status: str, result_text: str | No
         if isinstance(error, dict):
             return False, _error_line(task_id, custom_id, str(code or status),
                                       str(error.get("message") or f"The request ended as {status}."))
-    if status in OPEN_STATUSES or status == CANCELLED:
+    if status in OPEN_STATUSES or status == TaskStatus.CANCELLED:
         if target == BatchStatus.EXPIRED:
             return False, _error_line(task_id, custom_id, "batch_expired",
                                       "The batch's completion window ended before this request finished.")

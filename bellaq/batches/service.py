@@ -25,7 +25,7 @@ from bellaq.extensions import db
 from bellaq.keys import Principal
 from bellaq.models import Batch, File, Queue, Task
 from bellaq.models.batches import FINAL_STATUSES, BatchStatus
-from bellaq.models.tasks import CANCELLED, FAILED, SUCCEEDED, TIMEOUT
+from bellaq.models.tasks import TaskStatus
 from bellaq.queues import check_endpoint, resolve_queue
 from bellaq.services import services
 from bellaq.upstream_rules import BUILTIN_ENDPOINTS
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 QUEUE_HEADER = "X-BELLA-QUEUE-NAME"
 # What handing work to the workers raises when Redis or the broker is down.
 HANDOFF_ERRORS = (RedisError, KombuError, OSError)
-FAILED_TASK_STATUSES = (FAILED, TIMEOUT, CANCELLED)
+FAILED_TASK_STATUSES = (TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED)
 
 
 # ---------------------------------------------------------------------------------------- create
@@ -143,7 +143,7 @@ def request_counts(batch: Batch) -> dict[str, int]:
     by_status = {status: n for status, n in rows}
     return {
         "total": batch.total,
-        "completed": by_status.get(SUCCEEDED, 0),
+        "completed": by_status.get(TaskStatus.SUCCEEDED, 0),
         "failed": sum(by_status.get(s, 0) for s in FAILED_TASK_STATUSES),
     }
 

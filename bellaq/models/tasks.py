@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 
 from sqlalchemy import BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
@@ -11,10 +12,23 @@ from bellaq.callback_status import CallbackStatus
 from bellaq.extensions import db
 from bellaq.models.types import LongText
 
-WAITING, QUEUED = "waiting", "queued"
-SUCCEEDED, FAILED, TIMEOUT, CANCELLED = "succeeded", "failed", "timeout", "cancelled"
-OPEN_STATUSES = (WAITING, QUEUED)
-END_STATUSES = (SUCCEEDED, FAILED, TIMEOUT, CANCELLED)
+
+class TaskStatus(str, Enum):
+    """The status of a task: a ``str``, so it compares, stores and serialises as one."""
+
+    WAITING = "waiting"
+    QUEUED = "queued"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+OPEN_STATUSES = (TaskStatus.WAITING, TaskStatus.QUEUED)
+END_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED)
 RESPONSE_MODES = ("callback", "blocking", "streaming")
 
 
@@ -34,7 +48,7 @@ class Task(db.Model):
     level: Mapped[int] = mapped_column(Integer, default=0)
     data: Mapped[str] = mapped_column(LongText)
     result: Mapped[str | None] = mapped_column(LongText, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default=WAITING)
+    status: Mapped[str] = mapped_column(String(16), default=TaskStatus.WAITING.value)
     response_mode: Mapped[str] = mapped_column(String(16), default="callback")
     callback_url: Mapped[str] = mapped_column(String(2048), default="")
     callback_status: Mapped[str | None] = mapped_column(String(255), nullable=True)
