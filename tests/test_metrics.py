@@ -209,6 +209,11 @@ def test_counters_move_with_real_batches_tasks_and_callbacks(app, client, admin,
     assert value(samples, "bellaq_batch_lines_processed_total", queue=queue, status="failed") == 1
     assert value(samples, "bellaq_batches", queue=queue, status="completed") == 1
     assert value(samples, "bellaq_queue_waiting", **batch_level) == 0
+    assert value(samples, "bellaq_tasks_put_total", **put_level) == 1
+    assert value(samples, "bellaq_tasks_taken_total", **batch_level) == 6
+    # every upstream call of the built-in worker: six lines and the put, seven calls, one answered 400
+    assert value(samples, "bellaq_upstream_request_duration_seconds_count", queue=queue, status_class="2xx") == 6
+    assert value(samples, "bellaq_upstream_request_duration_seconds_count", queue=queue, status_class="4xx") == 1
     assert client.get(f"/v1/queue/{task_id}", headers=user).json["callback_status"] == "delivered"
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from bellaq import retries
+from bellaq import metrics, retries
 from bellaq import tasks as task_service
 from bellaq.clock import now_ms
 from bellaq.eventbus import EventBus, progress_event
@@ -111,7 +111,16 @@ class Outcome:
 
 
 def run_request(task: dict, client: UpstreamClient | None, bus: EventBus, upstream_timeout: float) -> Outcome:
-    """Call the upstream once for one task; streaming tasks forward each chunk as a progress event."""
+    """Call the upstream once for one task; streaming tasks forward each chunk as a progress event.
+    Each call is counted in the metrics (duration by status class, 429s)."""
+    started = time.monotonic()
+    outcome = _call(task, client, bus, upstream_timeout)
+    if client is not None:
+        metrics.upstream_answer(task["queue"], outcome.result["status_code"], time.monotonic() - started)
+    return outcome
+
+
+def _call(task: dict, client: UpstreamClient | None, bus: EventBus, upstream_timeout: float) -> Outcome:
     if client is None:
         return Outcome(error_result(502, f"No upstream is configured for queue '{task['queue']}': register it "
                                          "with upstream.base_url or set BELLAQ_UPSTREAM_BASE_URL.", "no_upstream"),
