@@ -25,8 +25,8 @@ from bellaq.services import Services
 CAP = 64  # consumers announced per queue level at most
 MAX_PER_CALL = 256
 WAIT_S = 30.0  # a message not received within this is presumed lost
-LIVE_S = 10.0  # a draining consumer not heard of within this is presumed dead
-REFRESH_S = 3.0
+LIVE_S = 10.0  # a draining consumer not heard of within this is presumed dead ...
+REFRESH_S = 3.0  # ... and it says it is alive this often
 KEY_TTL_S = 3600
 
 
@@ -42,6 +42,17 @@ def live(svc: Services, queue: str, level: int) -> int:
 def wanted(svc: Services, count: int) -> int:
     """How many consumers ``count`` new tasks call for."""
     return min(max(1, math.ceil(count / svc.settings.worker_take_size)), MAX_PER_CALL, CAP)
+
+
+def live_s(svc: Services) -> float:
+    """How long a draining consumer counts without news: ``LIVE_S``, but at most half a worker
+    lease, so a killed worker's consumers stop counting before the reaper puts its tasks back
+    and announces them (else that announcement would find the dead still counted)."""
+    return min(LIVE_S, svc.settings.worker_lease / 2)
+
+
+def refresh_s(svc: Services) -> float:
+    return min(REFRESH_S, live_s(svc) / 3)
 
 
 def _add(svc: Services, queue: str, level: int, tokens: list[str], alive_for: float) -> None:
@@ -99,7 +110,7 @@ def alive(svc: Services, queue: str, level: int, token: str) -> None:
     """The consumer ``token`` drains (received, refreshed, or back after leaving)."""
     k = key(svc, queue, level)
     pipe = svc.redis.pipeline(transaction=False)
-    pipe.zadd(k, {token: time.time() + LIVE_S})
+    pipe.zadd(k, {token: time.time() + live_s(svc)})
     pipe.expire(k, KEY_TTL_S)
     pipe.execute()
 

@@ -238,7 +238,7 @@ class _Drain:
             token = announcements.recruit(self.svc, self.queue, self.level)
             if token is not None:
                 consume.apply_async((self.queue, self.level, token), queue=level_queue(self.level))
-        if time.monotonic() - self.refreshed > announcements.REFRESH_S:
+        if time.monotonic() - self.refreshed > announcements.refresh_s(self.svc):
             self.refreshed = time.monotonic()
             announcements.alive(self.svc, self.queue, self.level, self.token)
 
