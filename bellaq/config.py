@@ -71,6 +71,7 @@ class Settings:
     lost_completion_grace: float = 10.0
     idempotency_ttl: int = 24 * 3600
     max_open_tasks_per_owner: int = 100_000
+    max_held_requests: int = 10_000
     eventbus_url: str = ""
     metrics_public: bool = False
     port: int = 8080
@@ -115,6 +116,7 @@ class Settings:
             lost_completion_grace=_float("BELLAQ_LOST_COMPLETION_GRACE", 10.0),
             idempotency_ttl=_int("BELLAQ_IDEMPOTENCY_TTL", 24 * 3600),
             max_open_tasks_per_owner=_int("BELLAQ_MAX_OPEN_TASKS_PER_OWNER", 100_000),
+            max_held_requests=_int("BELLAQ_MAX_HELD_REQUESTS", 10_000),
             eventbus_url=_env("BELLAQ_EVENTBUS_URL", ""),
             metrics_public=_bool("BELLAQ_METRICS_PUBLIC", False),
             port=_int("PORT", 8080),

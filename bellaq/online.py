@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import queue
 import random
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Response, current_app, jsonify, stream_with_context
 
-from bellaq.errors import error_body
+from bellaq.errors import Unavailable, error_body
 from bellaq.eventbus import COMPLETION, PROGRESS, EventBus, watch_event
 from bellaq.extensions import db
 from bellaq.idempotency import PENDING, fingerprint, header_key, in_progress, release, reserve
@@ -27,6 +28,56 @@ RECHECK_S = 30.0
 # A retried put attached to a task another process holds looks at SQL this often.
 ATTACHED_RECHECK_S = 1.0
 PUT_ROUTE = "queue.put"
+# What a put refused because this process holds as many requests as it may tells the client.
+SHED_RETRY_AFTER_S = 2
+
+
+class HeldRequests:
+    """How many online requests this process holds now, and the bound on them. A lock held for a
+    compare-and-add (never across I/O) keeps the count exact under threads and under gevent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def acquire(self, limit: int) -> bool:
+        with self._lock:
+            if 0 < limit <= self.count:
+                return False
+            self.count += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+class _Slot:
+    """One held request's place in :class:`HeldRequests`; releasing it twice releases it once."""
+
+    def __init__(self, held: HeldRequests) -> None:
+        self._held: HeldRequests | None = held
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
+
+
+def held_requests() -> HeldRequests:
+    return current_app.extensions.setdefault("bellaq.held_requests", HeldRequests())
+
+
+def _take_slot() -> _Slot:
+    """A place among the requests this process holds, or 503 at once (nothing written yet)."""
+    held = held_requests()
+    limit = services().settings.max_held_requests
+    if not held.acquire(limit):
+        raise Unavailable(f"This server process already holds {limit} blocking or streaming requests, the most it "
+                          f"may (BELLAQ_MAX_HELD_REQUESTS); nothing was kept. Retry after {SHED_RETRY_AFTER_S} s, "
+                          "or use response_mode callback.", code="overloaded",
+                          headers={"Retry-After": str(SHED_RETRY_AFTER_S)})
+    return _Slot(held)
 
 
 def bus() -> EventBus:
@@ -102,8 +153,25 @@ def _error_body(status: str, result: dict | None) -> tuple[int, dict]:
 
 
 def respond(principal: Principal, body: dict[str, Any], mode: str) -> Response:
-    """A blocking or streaming put. With an ``Idempotency-Key`` a retry attaches to the first
-    request's task instead of running a second one."""
+    """A blocking or streaming put, held in one of the process's ``BELLAQ_MAX_HELD_REQUESTS``
+    places until it is answered (a stream: until it is closed); without a place, 503 before
+    anything is written."""
+    slot = _take_slot()
+    try:
+        response = _respond(principal, body, mode)
+    except BaseException:
+        slot.release()
+        raise
+    if response.is_streamed:
+        response.call_on_close(slot.release)
+    else:
+        slot.release()
+    return response
+
+
+def _respond(principal: Principal, body: dict[str, Any], mode: str) -> Response:
+    """With an ``Idempotency-Key`` a retry attaches to the first request's task instead of
+    running a second one."""
     task_id = new_task_id()
     key = header_key()
     record_id = 0

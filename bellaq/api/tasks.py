@@ -25,7 +25,9 @@ bp = Blueprint("tasks", __name__, url_prefix="/v1/queue")
            responses={200: PUT_ANSWER}, errors={
                408: "blocking: the task did not end within its timeout; it ends as timeout.",
                409: "blocking: the task was cancelled; or a request with this Idempotency-Key is still running.",
-               429: "The owner has too many open tasks."})
+               429: "The owner has too many open tasks.",
+               503: "Redis or SQL is down; or (blocking, streaming) this web process already holds "
+                    "BELLAQ_MAX_HELD_REQUESTS requests: code overloaded, with Retry-After. Nothing was kept."})
 @bp.post("/put")
 @require("user")
 def put():
