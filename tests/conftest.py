@@ -210,6 +210,17 @@ def celery_worker(app: Flask, settings: Settings, mock_upstream):
         yield worker
 
 
+def task_of(client, headers, task_id: str) -> dict:
+    """The task object, as its owner reads it over the API (a Flask test client)."""
+    return client.get(f"/v1/queue/{task_id}", headers=headers).json
+
+
+def ended(client, headers, task_id: str) -> dict | None:
+    """The task object once it is in an end state, else None (for ``wait_for``)."""
+    task = task_of(client, headers, task_id)
+    return task if task["status"] not in ("waiting", "queued") else None
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"):
     """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
     import time

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import ended, task_of, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -18,13 +18,6 @@ def put(client, headers, **fields):
     return resp.json["data"]
 
 
-def status_of(client, headers, task_id):
-    return client.get(f"/v1/queue/{task_id}", headers=headers).json
-
-
-def ended(client, headers, task_id):
-    task = status_of(client, headers, task_id)
-    return task if task["status"] not in ("waiting", "queued") else None
 
 
 def test_a_put_is_run_by_a_builtin_worker(client, user, celery_worker, mock_upstream):
@@ -62,7 +55,7 @@ def test_a_task_cancelled_while_running_drops_its_late_result(client, user, cele
     from celery.worker import state
 
     wait_for(lambda: not state.active_requests, message="the consumer to finish with the late answer")
-    task = status_of(client, user, task_id)
+    task = task_of(client, user, task_id)
     assert task["status"] == "cancelled" and task["result"] is None
 
 

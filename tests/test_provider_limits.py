@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.batch_fixtures import CHAT, chat_line, create_batch, jsonl
-from tests.conftest import wait_for
+from tests.conftest import ended, task_of, wait_for
 
 pytestmark = pytest.mark.usefixtures("database_url")
 
@@ -25,13 +25,6 @@ def put(client, headers, queue="lim", content="hi there", **data):
     return resp.json["data"]
 
 
-def task_of(client, headers, task_id):
-    return client.get(f"/v1/queue/{task_id}", headers=headers).json
-
-
-def ended(client, headers, task_id):
-    task = task_of(client, headers, task_id)
-    return task if task["status"] not in ("waiting", "queued") else None
 
 
 def take(client, worker, size, queue="lim:0"):
