@@ -29,6 +29,7 @@ from bellaq.put_group import PendingPut, put_group
 from bellaq.queue_engine import STRATEGIES, Completion, TakenTask
 from bellaq.queues import QueueRef, check_endpoint, full_queue, push_all_limits, resolve_queue
 from bellaq.services import services
+from bellaq.sql_retry import retrying
 from bellaq.urlguard import UnsafeURL, check_callback_url
 from bellaq.validation import choice_field, field, int_field
 
@@ -193,7 +194,7 @@ def write_end_state(tasks: Sequence[Task], status: str, result: dict | None = No
     if not tasks:
         return []
     now = now_ms()
-    changed = _claim(tasks, status, now, result, results)
+    changed = retrying(lambda: _claim(tasks, status, now, result, results))
     _detach(tasks)
     db.session.commit()
     ended = _ended(changed, status, now)
@@ -404,11 +405,15 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         by_attempts: dict[int, list[str]] = defaultdict(list)
         for t in out:
             by_attempts[t["attempts"]].append(t["task_id"])
-        conn = db.session.connection()
-        for attempts, ids in by_attempts.items():
-            conn.execute(update(table).where(table.c.id.in_(ids))
-                         .values(status=TaskStatus.QUEUED, attempts=attempts, running_time=now))
-        db.session.commit()
+
+        def write() -> None:
+            conn = db.session.connection()
+            for attempts, ids in sorted(by_attempts.items()):
+                conn.execute(update(table).where(table.c.id.in_(sorted(ids)))
+                             .values(status=TaskStatus.QUEUED, attempts=attempts, running_time=now))
+            db.session.commit()
+
+        retrying(write)
     if overdue:
         _end_overdue(overdue)
     return out

@@ -1,0 +1,35 @@
+"""Writes that MariaDB/MySQL may end with a deadlock (1213) or a lock wait timeout (1205): InnoDB
+then rolls the whole transaction back, and the documented answer is to run it again. The hot
+writes of many tasks at once (marking taken tasks, claiming end states) go through
+:func:`retrying`; SQLite never raises these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import OperationalError
+
+from bellaq.extensions import db
+
+T = TypeVar("T")
+RETRIED_CODES = frozenset({1205, 1213})
+MAX_ATTEMPTS = 4
+
+
+def is_deadlock(err: OperationalError) -> bool:
+    args = getattr(err.orig, "args", ())
+    return bool(args) and args[0] in RETRIED_CODES
+
+
+def retrying(work: Callable[[], T]) -> T:
+    """Run ``work`` (statements of one transaction of ``db.session``) and, after a deadlock, roll
+    back and run it again, up to ``MAX_ATTEMPTS`` times in all."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return work()
+        except OperationalError as err:
+            db.session.rollback()
+            if attempt == MAX_ATTEMPTS or not is_deadlock(err):
+                raise
+    raise AssertionError("unreachable")
