@@ -68,7 +68,7 @@ def batch_tasks(database_url: str, batch_id: str) -> int:
 def test_a_killed_workers_leases_return_within_one_lease(tmp_path, redis_prefix, database_url, mock_upstream):
     """kill -9 of a worker holding leases, another alive: the batch ends within two lease periods
     of the kill (process_timeout is 300 s), every line in the output, none ``worker_lost``."""
-    lease = 6
+    lease = 10
     mock_upstream.state.latency = 0.2
     stack = Stack(tmp_path, redis_prefix, database_url, mock_upstream.base_url, redis_url=REDIS_URL,
                   admin_key=ADMIN_KEY, BELLAQ_WORKER_LEASE=str(lease), BELLAQ_WORKER_LEASE_RENEW="1",
