@@ -17,7 +17,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     """The application factory: one Flask app per process (web or worker).
 
     ``plugins`` are called with the app once it is built; the entry points that run with the
-    Celery side (``bellaq.wsgi``, the CLI, ``workers.celery_app``) pass ``workers.hooks.install``,
+    Celery side (``workers.wsgi``, the CLI, ``workers.celery_app``) pass ``workers.hooks.install``,
     which adds the listeners that hand work to Celery (see :class:`bellaq.services.Services`).
     """
     from bellaq import metrics, open_tasks

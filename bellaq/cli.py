@@ -10,12 +10,15 @@ from flask import Flask
 
 from bellaq import create_app
 
+# What the app of every command is built with: the entry point (``workers.cli``) wires the Celery
+# side in, so that bellaq itself never imports ``workers``.
+PLUGINS: list = []
+
 
 def _app() -> Flask:
     from bellaq.db import init_db
-    from workers.hooks import install  # the CLI is an entry point: it wires the Celery side in
 
-    app = create_app(plugins=(install,))
+    app = create_app(plugins=tuple(PLUGINS))
     init_db(app)
     return app
 
@@ -128,7 +131,7 @@ def serve(host: str, port: int | None, workers: int | None) -> None:
 
     settings = Settings.from_env()
     argv = [
-        sys.executable, "-m", "gunicorn", "bellaq.wsgi:app",
+        sys.executable, "-m", "gunicorn", "workers.wsgi:app",
         "--worker-class", "gevent",
         "--workers", str(workers or settings.web_concurrency),
         "--bind", f"[{host}]:{port or settings.port}" if ":" in host else f"{host}:{port or settings.port}",
@@ -143,7 +146,3 @@ def serve(host: str, port: int | None, workers: int | None) -> None:
 from bellaq.cli_batch import batch_group  # noqa: E402
 
 main.add_command(batch_group)
-
-
-if __name__ == "__main__":
-    main()

@@ -166,7 +166,7 @@ def _run(supervisor: Supervisor, port: int | None, host: str) -> None:
         supervisor.spawn([sys.executable, "-m", "bellaq.mock_upstream", "--port", str(mock_port)], env=env)
         env["BELLAQ_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{mock_port}"
         print(f"no upstream configured: started the mock upstream at {env['BELLAQ_UPSTREAM_BASE_URL']}")
-    cli = [sys.executable, "-m", "bellaq.cli"]
+    cli = [sys.executable, "-m", "workers.cli"]
     subprocess.run([*cli, "db", "init"], env=env, check=True, stdout=subprocess.DEVNULL)
     admin_key = env.get("BELLAQ_ADMIN_KEY") or subprocess.run(
         [*cli, "keys", "create", "--role", "admin", "--name", "dev"], env=env, check=True,

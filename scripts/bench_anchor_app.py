@@ -7,7 +7,7 @@ the same gunicorn (``scripts/bench_aims.py``). Served with
 ``gunicorn scripts.bench_anchor_app:app``; never part of the product.
 """
 
-from bellaq.wsgi import app  # noqa: I001  (first: gevent patches before anything else loads)
+from workers.wsgi import app  # noqa: I001  (first: gevent patches before anything else loads)
 
 from flask import jsonify
 

@@ -430,7 +430,7 @@ def _held_rss(dep: Deployment, args: argparse.Namespace) -> dict[str, Any]:
     peak = max(rss for _, rss in samples)
     peak_inflight = run.get("peak_inflight", 0)
     return {
-        "web_app": "bellaq.wsgi:app",
+        "web_app": "workers.wsgi:app",
         "requests": args.held,
         "client": f"1 gevent process, one connection per request, opened at {args.held_ramp:g}/s",
         "answered_ok": run["ok"],

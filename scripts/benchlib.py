@@ -257,11 +257,12 @@ class Stack:
         return proc
 
     def init_db(self) -> None:
-        subprocess.run([PYTHON, "-m", "bellaq.cli", "db", "init"], env=self.env, check=True, capture_output=True,
+        subprocess.run([PYTHON, "-m", "workers.cli", "db", "init"], env=self.env, check=True, capture_output=True,
                        cwd=ROOT)
 
     def start_web(self, workers: int = 2, worker_connections: int = 5000, backlog: int = 2048,
-                  timeout: int = 120, extra_args: Sequence[str] = (), app: str = "bellaq.wsgi:app") -> subprocess.Popen:
+                  timeout: int = 120, extra_args: Sequence[str] = (),
+                  app: str = "workers.wsgi:app") -> subprocess.Popen:
         """``bellaq db init``, then gunicorn with gevent workers; returns when /healthz answers."""
         self.init_db()
         self.web = self._spawn("web", [

@@ -48,7 +48,7 @@ def test_bellaq_dev_is_private_and_stops_everything_on_a_signal(tmp_path: Path, 
            if k not in ("BELLAQ_ADMIN_KEY", "BELLAQ_DATABASE_URL", "BELLAQ_UPSTREAM_BASE_URL")}
     env.update(BELLAQ_INSTANCE_DIR=str(instance), BELLAQ_REDIS_URL=REDIS_URL, BELLAQ_REDIS_PREFIX=redis_prefix,
                PORT=str(port), WEB_CONCURRENCY="1")
-    dev = subprocess.Popen([sys.executable, "-m", "bellaq.cli", "dev"], env=env, stdout=subprocess.PIPE,
+    dev = subprocess.Popen([sys.executable, "-m", "workers.cli", "dev"], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in dev.stdout], daemon=True).start()

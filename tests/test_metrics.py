@@ -268,7 +268,7 @@ def test_the_exporter_serves_a_worker_hosts_counts(tmp_path: Path):
     folder, queue = tmp_path / "prometheus", f"m-{uuid.uuid4().hex[:8]}"
     record_in_two_processes(folder, queue)
     port = free_port()
-    exporter = subprocess.Popen([sys.executable, "-m", "bellaq.cli", "metrics-exporter", "--port", str(port)],
+    exporter = subprocess.Popen([sys.executable, "-m", "workers.cli", "metrics-exporter", "--port", str(port)],
                                 env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(folder)))
     try:
         def served() -> str | None:

@@ -1,4 +1,5 @@
-"""The WSGI entry point for gunicorn (``bellaq.wsgi:app``); gevent patches before anything loads."""
+"""The WSGI entry point for gunicorn (``workers.wsgi:app``): the app with the Celery side wired in;
+gevent patches before anything loads."""
 
 from gevent import monkey
 
@@ -7,7 +8,7 @@ monkey.patch_all()
 from bellaq import create_app  # noqa: E402
 from bellaq.db import init_db  # noqa: E402
 from bellaq.eventbus_access import prepare  # noqa: E402
-from workers.hooks import install  # noqa: E402  (an entry point: it wires the Celery side in)
+from workers.hooks import install  # noqa: E402
 
 app = create_app(plugins=(install,))
 init_db(app)
