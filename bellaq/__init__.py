@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     from bellaq.extensions import db
     from bellaq.online import publish_completions
     from bellaq.services import build_services
+    from bellaq.sql_pool import engine_options, install
     from bellaq.validation import check_path_values
 
     settings = settings or Settings.from_env()
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     if settings.database_url.startswith("sqlite:///"):
         settings.instance_dir.mkdir(parents=True, exist_ok=True)
     db.init_app(app)
+    with app.app_context():
+        install(db.engine)
     svc = build_services(settings)
     app.extensions["bellaq"] = svc
     bus = app.extensions["bellaq.eventbus"] = EventBus(svc.redis, settings.redis_prefix, svc.instance_id)
@@ -57,11 +60,3 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     for plugin in plugins:
         plugin(app)
     return app
-
-
-def engine_options(url: str) -> dict:
-    import bellaq.db  # noqa: F401  (SQLite pragmas)
-
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    return {"pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 20, "max_overflow": 40}

@@ -68,6 +68,7 @@ class Settings:
     worker_concurrency: int = 0
     worker_lease: float = 30.0
     worker_lease_renew: float = 10.0
+    worker_linger: float = 1.0
     lost_completion_grace: float = 10.0
     idempotency_ttl: int = 24 * 3600
     max_open_tasks_per_owner: int = 100_000
@@ -113,6 +114,7 @@ class Settings:
             worker_concurrency=_int("BELLAQ_WORKER_CONCURRENCY", 0),
             worker_lease=_float("BELLAQ_WORKER_LEASE", 30.0),
             worker_lease_renew=_float("BELLAQ_WORKER_LEASE_RENEW", 10.0),
+            worker_linger=_float("BELLAQ_WORKER_LINGER", 1.0),
             lost_completion_grace=_float("BELLAQ_LOST_COMPLETION_GRACE", 10.0),
             idempotency_ttl=_int("BELLAQ_IDEMPOTENCY_TTL", 24 * 3600),
             max_open_tasks_per_owner=_int("BELLAQ_MAX_OPEN_TASKS_PER_OWNER", 100_000),

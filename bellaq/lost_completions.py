@@ -17,7 +17,7 @@ from bellaq.extensions import db
 from bellaq.models import Queue, Task
 from bellaq.models.tasks import OPEN_STATUSES, TaskStatus
 from bellaq.services import services
-from bellaq.tasks import error_result, task_payload, write_end_state
+from bellaq.tasks import error_result, task_payload, write_end_state, write_end_states
 
 
 def end_lost_completions(limit: int = 1000) -> int:
@@ -58,13 +58,13 @@ def _finish_recorded(limit: int) -> int:
         if lost:
             texts = engine.recorded_results(queue, [t.id for t in lost])
             results = {t.id: json.loads(texts[t.id]) for t in lost if t.id in texts}
-            groups: dict[str, list[Task]] = defaultdict(list)
+            statuses: dict[str, str] = {}
             for task in lost:
                 if task.id in results:
                     ok = 200 <= int(results[task.id].get("status_code", 0)) < 300
-                    groups[TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED].append(task)
-            for status, group in groups.items():
-                count += len(write_end_state(group, status, results=results))
+                    statuses[task.id] = TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+            recorded = [task for task in lost if task.id in statuses]
+            count += len(write_end_states(recorded, statuses, results=results))
             settled.update(results)
         if settled:
             engine.forget_results(queue, sorted(settled))

@@ -7,20 +7,20 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flask import Response, current_app, jsonify, stream_with_context
 
 from bellaq.errors import Unavailable, error_body
-from bellaq.eventbus import COMPLETION, PROGRESS, EventBus, watch_event
+from bellaq.eventbus import COMPLETION, PROGRESS, EventBus, completion_event, watch_event
 from bellaq.extensions import db
 from bellaq.idempotency import PENDING, fingerprint, header_key, in_progress, release, reserve
 from bellaq.keys import Principal
 from bellaq.models import Task
 from bellaq.models.tasks import END_STATUSES, TaskStatus
 from bellaq.services import services
-from bellaq.tasks import end_as_timeout, new_task_id, put
+from bellaq.tasks import end_as_timeout, new_task_id, put, recorded_end
 
 # How often a held request also looks at SQL, in case an event was missed (with jitter, so
 # thousands of held requests do not look at once).
@@ -87,10 +87,13 @@ def bus() -> EventBus:
 def _final_of(task_id: str) -> dict[str, Any] | None:
     """The task's end as a completion payload, straight from SQL, if it has ended."""
     db.session.expire_all()
-    row = db.session.execute(db.select(Task.status, Task.result).where(Task.id == task_id)).first()
+    row = db.session.execute(db.select(Task.status, Task.result, Task.queue).where(Task.id == task_id)).first()
     db.session.rollback()  # hand the connection back: a held request must not pin one
-    if row is None or row.status not in END_STATUSES:
+    if row is None:
         return None
+    if row.status not in END_STATUSES:
+        recorded = recorded_end(task_id, row.queue)  # completed in the engine, SQL not written yet
+        return None if recorded is None else {"taskId": task_id, "status": recorded[0].value, "result": recorded[1]}
     return {"taskId": task_id, "status": row.status, "result": json.loads(row.result) if row.result else None}
 
 
@@ -281,13 +284,30 @@ def attach(task_id: str, mode: str) -> Response:
     return _hold(task_id, remaining, waiter, ATTACHED_RECHECK_S)
 
 
+# Set on a Task whose held request :func:`answer_held` already answered: the task-end listener
+# then publishes nothing more for it.
+ANSWERED_EARLY = "answered_early"
+
+
+def answer_held(ended: Iterable[tuple[str, str, str, dict[str, Any] | None, str]]) -> set[str]:
+    """Answer the held requests of tasks the engine has just completed, before their SQL write:
+    ``(task id, instance id, response mode, result, status)`` each; returns the ids published.
+    The engine recorded each result with its claim, so the SQL write that follows (or the
+    lost-completion reaper) stores that same result."""
+    by_instance: dict[str, list[dict]] = {}
+    for task_id, instance_id, mode, result, status in ended:
+        if instance_id and mode != "callback":
+            by_instance.setdefault(instance_id, []).append(completion_event(task_id, result, status))
+    for instance_id, events in by_instance.items():
+        bus().publish(instance_id, events)
+    return {event["payload"]["taskId"] for events in by_instance.values() for event in events}
+
+
 def publish_completions(tasks: list[Task]) -> None:
     """Task-end listener: tell the web process holding an online task that it ended."""
-    from bellaq.eventbus import completion_event
-
     by_instance: dict[str, list[dict]] = {}
     for task in tasks:
-        if task.instance_id and task.response_mode != "callback":
+        if task.instance_id and task.response_mode != "callback" and not getattr(task, ANSWERED_EARLY, False):
             result = json.loads(task.result) if task.result else None
             by_instance.setdefault(task.instance_id, []).append(completion_event(task.id, result, task.status))
     for instance_id, events in by_instance.items():

@@ -1,5 +1,5 @@
 """Group commit of puts: the puts that arrive in one process while a write is under way are
-written together by the first of them, in one SQL transaction (one INSERT executemany, one
+written together by the first of them, in one SQL transaction (one multi-row INSERT, one
 commit), then handed to the engine in one round trip per queue level, then announced once per
 queue level. Each put still answers only after its own task is committed and takeable, and
 fails alone when its own part fails (the rows of a level whose enqueue failed are deleted, as a
@@ -18,12 +18,13 @@ from typing import Any
 from flask import current_app
 from redis.exceptions import RedisError
 from sqlalchemy import delete, insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from bellaq.errors import Unavailable
 from bellaq.extensions import db
 from bellaq.models import Task
 from bellaq.services import services
+from bellaq.sql_retry import MAX_ATTEMPTS, is_deadlock
 
 MAX_GROUP = 256
 EXTENSION = "bellaq.put_group"
@@ -85,25 +86,39 @@ def put_group() -> PutGroup:
     return group
 
 
+def _insert_rows(rows: list[dict[str, Any]]) -> None:
+    """One INSERT and its commit, on a Core connection of its own (PyMySQL sends an executemany
+    of an INSERT as one multi-row statement). An INSERT that wrote nothing is run again: one that
+    InnoDB chose as a deadlock victim (it rolled the whole transaction back; the drains' locks on
+    the same table's indexes meet the insert's), or one on a connection found dead (the server
+    restarted or killed it: the next one is new)."""
+    table = Task.__table__
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        with db.engine.connect() as conn:
+            try:
+                conn.execute(insert(table), rows)
+                conn.commit()
+                return
+            except DBAPIError as err:
+                retry = err.connection_invalidated or (isinstance(err, OperationalError) and is_deadlock(err))
+                if attempt == MAX_ATTEMPTS or not retry:
+                    raise
+
+
 def _insert(group: list[PendingPut]) -> list[PendingPut]:
     """Commit the rows; returns the puts whose row was written (the rest carry their error)."""
-    table = Task.__table__
     try:
-        db.session.execute(insert(table), [p.row for p in group])
-        db.session.commit()
+        _insert_rows([p.row for p in group])
         return group
     except IntegrityError:
-        db.session.rollback()
         if len(group) == 1:
             raise
     written = []
     for p in group:  # one bad row must not fail the others
         try:
-            db.session.execute(insert(table), [p.row])
-            db.session.commit()
+            _insert_rows([p.row])
             written.append(p)
         except IntegrityError as err:
-            db.session.rollback()
             p.error = err
     return written
 
@@ -120,8 +135,8 @@ def _write(group: list[PendingPut]) -> None:
                                     costs={p.row["id"]: p.cost for p in puts if p.cost})
         except RedisError:
             # The engine never saw them: take the rows back so nothing half-written remains.
-            db.session.execute(delete(table).where(table.c.id.in_([p.row["id"] for p in puts])))
-            db.session.commit()
+            with db.engine.begin() as conn:
+                conn.execute(delete(table).where(table.c.id.in_([p.row["id"] for p in puts])))
             for p in puts:
                 p.error = Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.")
             continue

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, inspect, update
+from sqlalchemy import case, inspect, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq import metrics, open_tasks, token_cost
@@ -139,6 +140,35 @@ def owned_task(principal: Principal, task_id: str) -> Task:
     return task
 
 
+def recorded_end(task_id: str, queue: str) -> tuple[TaskStatus, dict[str, Any]] | None:
+    """The end status and result the engine recorded for a task whose SQL row is still open
+    (its completer is between the engine and SQL, see :func:`complete_many`); None if none."""
+    text = services().engine.recorded_results(queue, [task_id]).get(task_id)
+    if text is None:
+        return None
+    result = json.loads(text)
+    ok = 200 <= int(result.get("status_code", 0)) < 300
+    return (TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED), result
+
+
+def task_object(task: Task) -> dict[str, Any]:
+    """The task as the API shows it: an open online task the engine has already completed shows
+    that end (its held request may have it already; SQL gets the same one a moment later)."""
+    if task.status not in OPEN_STATUSES or not task.instance_id or task.response_mode == "callback":
+        return task.to_dict()
+    recorded = recorded_end(task.id, task.queue)
+    if recorded is None:
+        # The completer may have written SQL and dropped the engine's copy since the row was
+        # read: read it again (a new transaction, so a new snapshot).
+        db.session.rollback()
+        db.session.refresh(task)
+        return task.to_dict()
+    out = task.to_dict()
+    ended = services().engine.done_since(task.queue, task.level, [task.id]).get(task.id)
+    out.update(status=recorded[0].value, result=recorded[1], completed_time=ended or now_ms())
+    return out
+
+
 def find_task(task_id: str) -> Task:
     task = db.session.get(Task, task_id)
     if task is None:
@@ -148,22 +178,55 @@ def find_task(task_id: str) -> Task:
 
 # ---------------------------------------------------------------------------------------------- end
 
-def _claim(tasks: Sequence[Task], status: str, now: int, result: dict | None = None,
-           results: dict[str, dict] | None = None) -> list[tuple[Task, str | None]]:
+CLAIM_CHUNK = 500  # ids per claiming statement (each costs up to five bound parameters)
+
+
+def _claim(tasks: Sequence[Task], statuses: dict[str, str], now: int, texts: dict[str, str | None]
+           ) -> list[tuple[Task, str | None]]:
     """Write the end state of each task still open, in the current transaction; returns those
-    that changed, with their result text. ``UPDATE ... WHERE status IN (open)``: of two enders,
-    only one wins."""
-    table = Task.__table__
-    claim = (update(table).where(table.c.id == bindparam("tid"), table.c.status.in_(OPEN_STATUSES))
-             .values(status=status, completed_time=now, result=bindparam("res")))
+    that changed, with their result text. ``statuses`` and ``texts`` map a task id to its end
+    status and result text. The rows are claimed ``WHERE status IN (open)``, so of two enders
+    only one wins; a whole group costs one statement (SQLite: ``UPDATE ... RETURNING``) or two
+    (MySQL/MariaDB: the open rows locked with ``SELECT ... FOR UPDATE``, then one ``UPDATE``),
+    not one round trip per task."""
     conn = db.session.connection()
-    changed: list[tuple[Task, str | None]] = []
-    for task in tasks:
-        value = results.get(task.id) if results else result
-        text = json.dumps(value) if value is not None else None
-        if conn.execute(claim, {"tid": task.id, "res": text}).rowcount == 1:
-            changed.append((task, text))
-    return changed
+    by_id = {task.id: task for task in tasks}
+    ids = sorted(by_id)  # rows locked in id order, as mark_taken does
+    won: set[str] = set()
+    for start in range(0, len(ids), CLAIM_CHUNK):
+        won.update(_claim_rows(conn, ids[start:start + CLAIM_CHUNK], statuses, now, texts))
+    return [(by_id[tid], texts[tid]) for tid in by_id if tid in won]
+
+
+def _by_id(ids: Sequence[str], values: dict[str, Any], column: Any) -> Any:
+    """One value for every id, or ``CASE id WHEN ... THEN ... END``."""
+    distinct = {values[i] for i in ids}
+    if len(distinct) == 1:
+        return distinct.pop()
+    return case({i: values[i] for i in ids}, value=column)
+
+
+def _claim_rows(conn: Connection, ids: list[str], statuses: dict[str, str], now: int,
+                texts: dict[str, str | None]) -> Sequence[str]:
+    table = Task.__table__
+    open_rows = table.c.status.in_(OPEN_STATUSES)
+
+    def claim(rows: list[str]) -> Any:
+        return (update(table).where(table.c.id.in_(rows), open_rows)
+                .values(status=_by_id(rows, statuses, table.c.id), completed_time=now,
+                        result=_by_id(rows, texts, table.c.id)))
+
+    if conn.dialect.update_returning:
+        return conn.execute(claim(ids).returning(table.c.id)).scalars().all()
+    if len(ids) == 1:
+        return ids if conn.execute(claim(ids)).rowcount == 1 else ()
+    # A locking read of the rows still open (the latest committed versions): nobody else can end
+    # them before this transaction does, so every one of them is claimed by the UPDATE.
+    ids = list(conn.execute(select(table.c.id).where(table.c.id.in_(ids), open_rows)
+                            .order_by(table.c.id).with_for_update()).scalars())
+    if ids:
+        conn.execute(claim(ids))
+    return ids
 
 
 def _detach(tasks: Sequence[Task]) -> None:
@@ -176,9 +239,9 @@ def _detach(tasks: Sequence[Task]) -> None:
             db.session.expunge(task)
 
 
-def _ended(changed: Sequence[tuple[Task, str | None]], status: str, now: int) -> list[Task]:
+def _ended(changed: Sequence[tuple[Task, str | None]], statuses: dict[str, str], now: int) -> list[Task]:
     for task, text in changed:
-        set_committed_value(task, "status", status)
+        set_committed_value(task, "status", statuses[task.id])
         set_committed_value(task, "completed_time", now)
         set_committed_value(task, "result", text)
     return [task for task, _ in changed]
@@ -188,19 +251,42 @@ def write_end_state(tasks: Sequence[Task], status: str, result: dict | None = No
                     results: dict[str, dict] | None = None) -> list[Task]:
     """Write the end state of tasks the engine has already released; returns those that changed.
 
-    Each row is claimed with ``UPDATE ... WHERE status IN (open)``, so of two enders only one
-    wins. ``result`` is the same for every task; ``results`` maps a task id to its own result.
+    Each row is claimed ``WHERE status IN (open)``, so of two enders only one wins. ``result`` is
+    the same for every task; ``results`` maps a task id to its own result.
     """
+    return write_end_states(tasks, dict.fromkeys((t.id for t in tasks), status), result, results)
+
+
+def write_end_states(tasks: Sequence[Task], statuses: dict[str, str], result: dict | None = None,
+                     results: dict[str, dict] | None = None) -> list[Task]:
+    """:func:`write_end_state` with an end status per task (``statuses``: task id -> status): one
+    transaction, one claim, and the task-end listeners called once with every task that changed."""
     if not tasks:
         return []
     now = now_ms()
-    changed = retrying(lambda: _claim(tasks, status, now, result, results))
+    shared = json.dumps(result) if result is not None else None
+    texts: dict[str, str | None] = {}
+    for task in tasks:
+        if results:
+            value = results.get(task.id)
+            texts[task.id] = json.dumps(value) if value is not None else None
+        else:
+            texts[task.id] = shared
+    plain = {tid: str(status) for tid, status in statuses.items()}  # TaskStatus binds as its value
+    changed = retrying(lambda: _claim(tasks, plain, now, texts))
     _detach(tasks)
     db.session.commit()
-    ended = _ended(changed, status, now)
+    ended = _ended(changed, statuses, now)
     if ended:
         services().task_ended(ended)
     return ended
+
+
+def completed_in_engine(task: Task) -> bool:
+    """True when a completer has claimed the task in the engine and its result is recorded there
+    but not yet in SQL: that result is the task's end (its held request may already have it), so
+    a cancel or timeout must not write another one."""
+    return bool(services().engine.recorded_results(task.queue, [task.id]))
 
 
 def cancel(principal: Principal, task_id: str) -> Task:
@@ -208,7 +294,9 @@ def cancel(principal: Principal, task_id: str) -> Task:
     if task.status in END_STATUSES:
         raise Conflict(f"Task '{task_id}' already ended as {task.status}; there is nothing to cancel.",
                        param="task_id", code="task_already_ended")
-    services().engine.cancel(task.queue, task.level, task.id)
+    if services().engine.cancel(task.queue, task.level, task.id) == "absent" and completed_in_engine(task):
+        raise Conflict(f"Task '{task_id}' already finished; its result is being recorded. There is nothing to cancel.",
+                       param="task_id", code="task_already_ended")
     changed = write_end_state([task], TaskStatus.CANCELLED, None)
     if not changed:
         db.session.refresh(task)
@@ -222,7 +310,7 @@ def end_as_timeout(task: Task) -> bool:
     outcome = services().engine.cancel(task.queue, task.level, task.id)
     if outcome == "absent":
         db.session.refresh(task)
-        if task.status in END_STATUSES:
+        if task.status in END_STATUSES or completed_in_engine(task):
             return False
     result = error_result(408, f"The task did not finish within its timeout of {task.timeout} s.", "timeout")
     return bool(write_end_state([task], TaskStatus.TIMEOUT, result))
@@ -264,26 +352,60 @@ def complete_task(task: Task, result: dict[str, Any], holder: str | None = None)
     )
 
 
-def complete_many(results: dict[str, dict[str, Any]]) -> int:
+def complete_many(results: dict[str, dict[str, Any]], taken: Mapping[str, Mapping[str, Any]] | None = None) -> int:
     """Complete tasks leased by built-in workers: claimed in the engine in one round trip, then
-    one SQL transaction per end status. Tasks nobody holds any more (cancelled, timed out) are
-    dropped."""
+    written in one SQL transaction (one claim for every end status). Tasks nobody holds any more
+    (cancelled, timed out) are dropped.
+
+    ``taken`` (the task objects the take gave, by id) saves reading the tasks before the engine's
+    claim. Held requests of the claimed online tasks are answered as soon as the engine has
+    recorded their results, before the SQL write: a completer killed between the two leaves the
+    same result for the lost-completion reaper to write, and cancels and timeouts of a task the
+    engine completed change nothing (:func:`completed_in_engine`)."""
     if not results:
         return 0
-    rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
+    rows: Sequence[Task | _TakenRef]
+    if taken is not None and all(tid in taken for tid in results):
+        rows = [_TakenRef(tid, taken[tid]["queue"], int(taken[tid]["level"]), taken[tid].get("instance_id") or "",
+                          taken[tid].get("response_mode", "callback")) for tid in results]
+    else:
+        rows = db.session.execute(db.select(Task).where(Task.id.in_(list(results)))).scalars().all()
     oks = [200 <= results[t.id]["status_code"] < 300 for t in rows]
     items = [Completion(t.queue, t.level, t.id, not ok, json.dumps(results[t.id]),
                         tokens=token_cost.used(results[t.id]))
              for t, ok in zip(rows, oks, strict=True)]
     outcomes = services().engine.complete_many(items)
     fault_point("after_engine_complete")
-    by_status: dict[str, list[Task]] = defaultdict(list)
-    for task, ok, outcome in zip(rows, oks, outcomes, strict=True):
-        if outcome == "completed":
-            by_status[TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED].append(task)
-    ended = sum(len(write_end_state(group, status, results=results)) for status, group in by_status.items())
-    _forget_recorded([t for group in by_status.values() for t in group])
+    status_of = {t.id: TaskStatus.SUCCEEDED if ok else TaskStatus.FAILED
+                 for t, ok, outcome in zip(rows, oks, outcomes, strict=True) if outcome == "completed"}
+    from bellaq.online import ANSWERED_EARLY, answer_held  # online builds on this module
+
+    answered = answer_held([(t.id, t.instance_id, t.response_mode, results[t.id], status_of[t.id])
+                            for t in rows if t.id in status_of])
+    if rows and not isinstance(rows[0], Task):
+        rows = db.session.execute(db.select(Task).where(Task.id.in_(sorted(status_of)))).scalars().all() \
+            if status_of else []
+    won: list[Task] = []
+    for task in rows:
+        assert isinstance(task, Task)
+        if task.id in status_of:
+            if task.id in answered:
+                setattr(task, ANSWERED_EARLY, True)
+            won.append(task)
+    ended = len(write_end_states(won, status_of, results=results))
+    _forget_recorded(won)
     return ended
+
+
+@dataclass(frozen=True)
+class _TakenRef:
+    """What completing needs of a task the take gave, without reading it from SQL."""
+
+    id: str
+    queue: str
+    level: int
+    instance_id: str
+    response_mode: str
 
 
 def _forget_recorded(tasks: Sequence[Task]) -> None:
@@ -385,6 +507,9 @@ def next_due_s(queue: str, level: int) -> float | None:
 
 
 def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
+    """Write the taken tasks as ``queued`` (attempts, running time) and return them as task
+    objects; overdue ones end as ``timeout`` instead. Only rows still open change: a task ended
+    meanwhile (a cancel between the take and this write) is not reopened."""
     taken = list(taken)
     metrics.tasks_taken(taken)
     now = now_ms()
@@ -409,7 +534,7 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         def write() -> None:
             conn = db.session.connection()
             for attempts, ids in sorted(by_attempts.items()):
-                conn.execute(update(table).where(table.c.id.in_(sorted(ids)))
+                conn.execute(update(table).where(table.c.id.in_(sorted(ids)), table.c.status.in_(OPEN_STATUSES))
                              .values(status=TaskStatus.QUEUED, attempts=attempts, running_time=now))
             db.session.commit()
 
@@ -424,9 +549,9 @@ def _end_overdue(items: Sequence[TakenTask]) -> None:
     for item in items:
         engine.complete(item.queue, item.level, item.task_id, failed=True)
     tasks = db.session.execute(db.select(Task).where(Task.id.in_([i.task_id for i in items]))).scalars().all()
-    for task in tasks:
-        message = f"The task waited longer than its timeout of {task.timeout} s."
-        write_end_state([task], TaskStatus.TIMEOUT, error_result(408, message, "timeout"))
+    results = {task.id: error_result(408, f"The task waited longer than its timeout of {task.timeout} s.", "timeout")
+               for task in tasks}
+    write_end_state(tasks, TaskStatus.TIMEOUT, results=results)
 
 
 # ------------------------------------------------------------------------------------------ reaping
@@ -461,7 +586,8 @@ def reap(now: int | None = None) -> dict[str, int]:
         .where(Task.status == TaskStatus.WAITING, Task.batch_id == "", Task.expire_time < cutoff).limit(1000)
     ).scalars().all()
     for task in overdue:
-        if svc.engine.cancel(task.queue, task.level, task.id) != "leased":
+        outcome = svc.engine.cancel(task.queue, task.level, task.id)
+        if outcome != "leased" and not (outcome == "absent" and completed_in_engine(task)):
             message = f"The task waited longer than its timeout of {task.timeout} s."
             timed_out += len(write_end_state([task], TaskStatus.TIMEOUT, error_result(408, message, "timeout")))
     from bellaq.lost_completions import end_lost_completions  # it writes end states through this module

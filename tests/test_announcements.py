@@ -104,3 +104,28 @@ def test_a_backlog_is_drained_by_recruited_consumers(app, client, admin, user, b
     _put(client, user, "drain", 1)  # an idle queue is announced again at once
     wait_for(lambda: client.get("/v1/queue/drain:0/stats", headers=admin).json["done"] == 41,
              message="the next put to run")
+
+
+def test_a_lingering_consumer_takes_the_next_put_without_a_message(app, client, admin, user, settings,
+                                                                   celery_worker, monkeypatch):
+    """A consumer that emptied its queue level waits a moment on the level's channel: a put then
+    sends no Celery message, wakes it, and is run by it."""
+    from workers import announcements, consumer
+
+    settings.worker_linger = 3.0
+    _register(client, admin, "linger")
+    svc = app.extensions["bellaq"]
+
+    def done() -> int:
+        return client.get("/v1/queue/linger:0/stats", headers=admin).json["done"]
+
+    _put(client, user, "linger", 1)
+    wait_for(lambda: done() == 1, message="the first put to run")
+    assert announcements.live(svc, "linger", 0) == 1  # the consumer lingers, still announced
+    sent = []
+    real = consumer.consume.apply_async
+    monkeypatch.setattr(consumer.consume, "apply_async", lambda *a, **k: sent.append(a) or real(*a, **k))
+    _put(client, user, "linger", 1)
+    wait_for(lambda: done() == 2, message="the second put to run")
+    assert sent == []
+    wait_for(lambda: announcements.live(svc, "linger", 0) == 0, message="the consumer to leave")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -64,3 +65,48 @@ def test_other_errors_are_not_retried(app):
                                           .startswith("sqlite") else sa.exc.ProgrammingError):
         sql_retry.retrying(work)
     assert runs == [1]
+
+
+def _task_row(task_id: str) -> dict:
+    return {"id": task_id, "owner": "key_x", "batch_id": "", "endpoint": "/v1/chat/completions", "queue": "q",
+            "level": 0, "data": "{}", "status": "waiting", "response_mode": "callback", "callback_url": "",
+            "timeout": 300, "instance_id": "", "start_time": 0, "expire_time": 1, "attempts": 0}
+
+
+def test_a_put_insert_chosen_as_a_deadlock_victim_runs_again(tmp_path, redis_prefix, mysql_url):
+    """A multi-row INSERT of puts holds its first row and waits for a gap a drain has locked; the
+    drain then wants that first row. InnoDB rolls the INSERT back; it is written on the retry."""
+    from bellaq import put_group
+
+    with running_app(make_settings(tmp_path, redis_prefix, mysql_url)) as app, app.app_context():
+        db.session.execute(sa.text("CREATE TABLE ballast (id INT PRIMARY KEY) ENGINE=InnoDB"))
+        db.session.commit()
+        put_group._insert_rows([_task_row("task_c"), _task_row("task_z")])  # bound the gap locked below
+        other = sa.create_engine(mysql_url)
+        waits = "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"
+        errors: list[BaseException] = []
+
+        def insert() -> None:
+            try:
+                with app.app_context():
+                    put_group._insert_rows([_task_row("task_a"), _task_row("task_m")])
+            except BaseException as err:  # noqa: BLE001 - asserted below
+                errors.append(err)
+
+        thread = threading.Thread(target=insert)
+        with other.begin() as conn:  # the heavier transaction, so not the victim
+            conn.execute(sa.text("INSERT INTO ballast VALUES " + ", ".join(f"({i})" for i in range(200))))
+            conn.execute(sa.text("SELECT id FROM tasks WHERE id BETWEEN 'task_l' AND 'task_n' FOR UPDATE"))
+            thread.start()
+            with other.connect() as probe:
+                deadline = time.monotonic() + 10
+                while probe.execute(sa.text(waits)).scalar_one() == 0:  # the INSERT waits for the gap
+                    assert time.monotonic() < deadline, "the INSERT never waited for the locked gap"
+                    probe.rollback()
+                    time.sleep(0.01)
+            conn.execute(sa.text("SELECT id FROM tasks WHERE id = 'task_a' FOR UPDATE"))  # the deadlock
+        thread.join(30)
+        ids = db.session.execute(sa.text("SELECT id FROM tasks ORDER BY id")).scalars().all()
+        other.dispose()
+        assert errors == []
+        assert ids == ["task_a", "task_c", "task_m", "task_z"]

@@ -82,14 +82,23 @@ return out
 _scripts: dict[int, Any] = {}
 
 
+def channel(svc: Services, queue: str, level: int) -> str:
+    """The Pub/Sub channel on which puts wake the consumers lingering on a queue level."""
+    return svc.key("work", queue, str(level))
+
+
 def claim(svc: Services, queue: str, level: int, count: int) -> list[str]:
     """Tokens of the messages to send for ``count`` new tasks (already counted): enough that at
-    least ``wanted(count)`` consumers are announced. One round trip."""
+    least ``wanted(count)`` consumers are announced; consumers lingering on the level are woken.
+    One round trip."""
     script = _scripts.get(id(svc.redis))
     if script is None:
         script = _scripts[id(svc.redis)] = svc.redis.register_script(_CLAIM)
     tokens = [new_token() for _ in range(wanted(svc, count))]
-    added = script(keys=[key(svc, queue, level)], args=[time.time(), WAIT_S, KEY_TTL_S, *tokens])
+    pipe = svc.redis.pipeline(transaction=False)
+    script(keys=[key(svc, queue, level)], args=[time.time(), WAIT_S, KEY_TTL_S, *tokens], client=pipe)
+    pipe.publish(channel(svc, queue, level), count)
+    added, _ = pipe.execute()
     return [t.decode() if isinstance(t, bytes) else t for t in added]
 
 

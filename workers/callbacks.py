@@ -10,7 +10,7 @@ Where attempts run (ARCHITECTURE.md, "Callbacks"):
   when the pool's backlog is full, is one ``bellaq.deliver_callbacks`` message per group;
 - each later attempt is one ``bellaq.deliver_callback`` message with a countdown.
 
-The outcomes of a group of attempts are written in one executemany. Every ended callback task is
+The outcomes of a group of attempts are written in one UPDATE. Every ended callback task is
 tracked in a Redis sorted set until its delivery ends, scored by when its next attempt should
 have been recorded; beat's sweep hands overdue entries to Celery, so a worker killed before an
 attempt loses no callback.
@@ -33,7 +33,7 @@ from celery._state import get_current_worker_task
 from flask import Flask, current_app
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, or_, update
+from sqlalchemy import case, or_, update
 from sqlalchemy.exc import IntegrityError
 from urllib3.exceptions import HTTPError
 
@@ -56,6 +56,7 @@ CALLBACK_TIMEOUT_S = 10.0
 BACKOFF_MAX_S = 600.0
 BACKLOG_PER_SLOT = 4  # first attempts queued per pool slot before they go to Celery instead
 SWEEP_BATCH = 500
+WRITE_CHUNK = 500  # delivery states per UPDATE
 RESEED_HORIZON_MS = 24 * 3600 * 1000
 SECRET_CACHE_S = 60.0
 SECRET_CACHE_SIZE = 10_000
@@ -244,13 +245,27 @@ def _pending_key(svc: Services) -> str:
     return svc.key("callbacks", "pending")
 
 
+def _write_states(values: dict[str, str]) -> None:
+    """Store each task's delivery state, ``UPDATE ... SET callback_status = CASE id ... END``: one
+    statement for the whole group (an executemany of UPDATEs is a round trip per row on MySQL).
+    A final state is never overwritten (a late duplicate attempt changes nothing)."""
+    table = Task.__table__
+    still_open = or_(table.c.callback_status.is_(None), table.c.callback_status.like(f"{RETRYING}%"))
+    ids = sorted(values)
+    for start in range(0, len(ids), WRITE_CHUNK):
+        chunk = ids[start:start + WRITE_CHUNK]
+        value = values[chunk[0]] if len(chunk) == 1 else case({i: values[i] for i in chunk}, value=table.c.id)
+        db.session.execute(update(table).where(table.c.id.in_(chunk), still_open).values(callback_status=value))
+    db.session.commit()
+
+
 def record(outcomes: Sequence[Outcome]) -> None:
-    """Write the outcomes (one executemany), schedule retries, settle the tracking set."""
+    """Write the outcomes (one statement), schedule retries, settle the tracking set."""
     if not outcomes:
         return
     svc = services()
     settings = svc.settings
-    rows: list[dict[str, str]] = []
+    values: dict[str, str] = {}  # task id -> encoded CallbackStatus
     ended: list[str] = []
     retries: list[tuple[str, int, float]] = []
     states: list[tuple[str, str]] = []  # (queue, state) of each attempt, counted once written
@@ -265,18 +280,9 @@ def record(outcomes: Sequence[Outcome]) -> None:
             retries.append((task_id, number + 1, backoff(number, settings.callback_backoff_base)))
         if state != RETRYING:
             ended.append(task_id)
-        rows.append({"tid": task_id, "value": CallbackStatus(state, number, outcome.http_status).encode()})
+        values[task_id] = CallbackStatus(state, number, outcome.http_status).encode()
         states.append((outcome.delivery.queue, state))
-    table = Task.__table__
-    # A final state is never overwritten (a late duplicate attempt changes nothing).
-    db.session.execute(
-        update(table)
-        .where(table.c.id == bindparam("tid"),
-               or_(table.c.callback_status.is_(None), table.c.callback_status.like(f"{RETRYING}%")))
-        .values(callback_status=bindparam("value")),
-        rows,
-    )
-    db.session.commit()
+    _write_states(values)
     for queue, state in states:
         metrics.callback_outcome(queue, state)
     now = time.time()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import PubSub
 
 from bellaq import metrics, retries
 from bellaq import tasks as task_service
@@ -34,7 +35,7 @@ from bellaq.extensions import db
 from bellaq.models import Queue
 from bellaq.services import Services, services
 from workers import announcements, leases
-from workers.celery_app import broker_prefix, celery, get_flask_app, level_queue
+from workers.celery_app import CONTROL_QUEUE, broker_prefix, celery, get_flask_app, level_queue
 from workers.upstream import UpstreamClient, UpstreamResult
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 QUEUE_CACHE_S = 5.0
 # A message drains its queue for at most this long, then re-announces and frees its Celery slot.
 DRAIN_BUDGET_S = 5.0
+# A lingering consumer looks this often whether Celery messages wait for its slot.
+LINGER_CHECK_S = 0.1
 # With only max_in_flight holding work back (a slot frees when another taker's lease ends), look again after this.
 IN_FLIGHT_RECHECK_S = 0.2
 
@@ -50,6 +53,8 @@ _clients: dict[tuple[str, str | None], UpstreamClient] = {}
 _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _broker: redis.Redis | None = None
+_pubsubs: list[PubSub] = []  # idle Pub/Sub connections of lingering consumers
+MAX_IDLE_PUBSUBS = 64
 
 
 def announce(queue: str, level: int, count: int = 1) -> None:
@@ -152,6 +157,40 @@ def _outcome(result: UpstreamResult, retryable: bool) -> Outcome:
                    result.retry_after, result.limit_wait, retryable, (result.announced_rpm, result.announced_tpm))
 
 
+def _messages_waiting(level: int, svc: Services) -> bool:
+    """True when a Celery message of this level, a more urgent one or a control one waits for a
+    slot: a lingering consumer then gives its slot back."""
+    global _broker
+    if _broker is None:
+        _broker = redis.Redis.from_url(svc.settings.broker_url)
+    pipe = _broker.pipeline(transaction=False)
+    for name in [CONTROL_QUEUE] + [level_queue(lvl) for lvl in range(level + 1)]:
+        pipe.llen(f"{broker_prefix(svc.settings)}{name}")
+    return any(pipe.execute())
+
+
+def _pubsub(svc: Services) -> PubSub:
+    """A Pub/Sub connection for a lingering consumer: kept between lingers, as connecting costs
+    more than the wait it serves."""
+    with _lock:
+        if _pubsubs:
+            return _pubsubs.pop()
+    return svc.redis.pubsub(ignore_subscribe_messages=True)
+
+
+def _release_pubsub(pubsub: PubSub, channel: str) -> None:
+    try:
+        pubsub.unsubscribe(channel)
+    except redis.RedisError:
+        pubsub.close()
+        return
+    with _lock:
+        if len(_pubsubs) < MAX_IDLE_PUBSUBS:
+            _pubsubs.append(pubsub)
+            return
+    pubsub.close()
+
+
 def _higher_levels_waiting(level: int, svc: Services) -> bool:
     """True when a Celery message of a more urgent level waits: a draining consumer then gives
     its slot back."""
@@ -210,11 +249,7 @@ class _Drain:
                                               self.svc.settings.default_max_retries, self.svc.settings.worker_lease,
                                               leases.renewer().holder)
         self.taken += len(got.tasks)
-        leases.renewer().hold(got.tasks)
-        self.leased += [task["task_id"] for task in got.tasks]
-        for task in got.tasks:
-            future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
-            self.inflight[future] = task
+        self.start(got.tasks)
         if got.limited:
             if got.retry_s is not None:
                 self.resume_at = now + got.retry_s
@@ -229,6 +264,14 @@ class _Drain:
             self.taking = False
         if got.tasks:
             self.announce_progress(len(got.tasks))
+
+    def start(self, tasks: list[dict]) -> None:
+        """Send the taken tasks' requests."""
+        leases.renewer().hold(tasks)
+        self.leased += [task["task_id"] for task in tasks]
+        for task in tasks:
+            future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
+            self.inflight[future] = task
 
     def announce_progress(self, taken: int) -> None:
         """The requests run meanwhile: announcements are off their critical path."""
@@ -247,9 +290,11 @@ class _Drain:
         once, transient answers are delayed for a retry."""
         done, _ = wait(list(self.inflight), timeout=timeout, return_when=FIRST_COMPLETED)
         online: dict[str, dict] = {}
+        taken: dict[str, dict] = {}
         later: list[retries.Retry] = []
         for future in done:
             task = self.inflight.pop(future)
+            taken[task["task_id"]] = task
             try:
                 outcome = future.result()
             except Exception as err:  # noqa: BLE001 - a bug must not strand the task: record it
@@ -273,7 +318,7 @@ class _Drain:
                 (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = \
                     ending[task["task_id"]]
         if online:
-            task_service.complete_many(online)
+            task_service.complete_many(online, taken)
         if len(self.finished) >= self.slots:
             self.flush()
 
@@ -293,7 +338,8 @@ class _Drain:
         """Keep the slots full until nothing more should be taken and nothing runs."""
         low_water = self.slots - max(1, self.slots // 4)
         self.taking, self.emptied = True, False
-        self.refill(started)
+        if not self.inflight:  # a linger that took work comes back with it running
+            self.refill(started)
         while self.inflight or self.taking:
             if not self.inflight:
                 if self.resume_at is None:
@@ -309,6 +355,36 @@ class _Drain:
             if self.taking and ready and (self.resume_at is not None or len(self.inflight) <= low_water):
                 self.refill(started)
         self.flush()
+
+    def linger(self, started: float) -> bool:
+        """With its queue level empty, stay announced a moment (``BELLAQ_WORKER_LINGER``, within
+        the drain's budget) and take what a put adds meanwhile, without a Celery message: a put
+        that finds this consumer announced sends none and wakes it on the level's channel. True
+        when something was taken (or a limit answered); False when the wait ended, or Celery
+        messages wait for the slot."""
+        now = time.monotonic()
+        until = min(now + self.svc.settings.worker_linger, now + announcements.refresh_s(self.svc),
+                    started + DRAIN_BUDGET_S)
+        if until <= now or _messages_waiting(self.level, self.svc):
+            return False
+        pubsub = _pubsub(self.svc)
+        channel = announcements.channel(self.svc, self.queue, self.level)
+        try:
+            pubsub.subscribe(channel)
+            announcements.alive(self.svc, self.queue, self.level, self.token)
+            woken = True  # a put before the subscription is found by this first take
+            while True:
+                if woken:
+                    self.taking, self.emptied = True, False
+                    self.refill(started)
+                    if self.inflight or self.resume_at is not None or self.again_at is not None or self.more:
+                        return True
+                remaining = until - time.monotonic()
+                if remaining <= 0 or _messages_waiting(self.level, self.svc):
+                    return False
+                woken = pubsub.get_message(timeout=min(remaining, LINGER_CHECK_S)) is not None
+        finally:
+            _release_pubsub(pubsub, channel)
 
     def run(self) -> int:
         started = time.monotonic()
@@ -331,6 +407,8 @@ class _Drain:
                 else:
                     announcements.leave(self.svc, self.queue, self.level, self.token)
                 return self.taken
+            if self.emptied and not self.inflight and self.linger(started):
+                continue
             announcements.leave(self.svc, self.queue, self.level, self.token)
             # A put that saw this consumer counted sent nothing: look once more after leaving.
             self.taking, self.emptied = True, False

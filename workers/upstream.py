@@ -1,9 +1,18 @@
 """HTTP client for the OpenAI-compatible upstream of built-in workers (SPEC section 5).
 
-:class:`UpstreamClient` POSTs a task's ``data`` to ``<base_url><endpoint>`` with pooled
-``requests`` sessions, retries connection errors, timeouts, 429 and 5xx with exponential backoff
-and full jitter (honouring ``Retry-After``), bounded by ``max_attempts`` and by a deadline, and
-reads streaming (SSE) answers chunk by chunk as they arrive.
+:class:`UpstreamClient` POSTs a task's ``data`` to ``<base_url><endpoint>`` through a urllib3
+connection pool per upstream origin and process (:func:`get_pool`), retries connection errors,
+timeouts, 429 and 5xx with exponential backoff and full jitter (honouring ``Retry-After``),
+bounded by ``max_attempts`` and by a deadline, and reads streaming (SSE) answers chunk by chunk as
+they arrive (:mod:`workers.sse`).
+
+The pools are made as ``requests`` would connect: HTTPS verifies certificates against
+``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` if set, else certifi's bundle; the environment's
+proxies (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``) are read once per pool. A
+pool keeps up to ``BELLAQ_UPSTREAM_POOL_MAXSIZE`` idle connections and never blocks: a call that
+finds none idle opens one more (closed after use if the pool is full), so the only bound on
+concurrent calls is the caller's (the consumer's in-flight tasks), not a wait hidden in here.
+Greenlets of a gevent worker share the pools like threads do.
 """
 
 from __future__ import annotations
@@ -15,22 +24,31 @@ import random
 import re
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from http.client import HTTPException
 from typing import Any, Literal
 
-import requests
-from requests.adapters import HTTPAdapter
+import certifi
+import urllib3
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import HTTPError, LocationParseError
+from urllib3.response import BaseHTTPResponse
+from urllib3.util import parse_url
+
+from workers.sse import aggregate_chunks, raw_blocks, sse_chunks, sse_data
 
 __all__ = [
+    "InvalidUpstreamURL",
     "StreamEvent",
     "UpstreamClient",
     "UpstreamResult",
     "aggregate_chunks",
     "duration_seconds",
-    "get_session",
+    "get_pool",
     "limit_wait_seconds",
     "retry_after_seconds",
 ]
@@ -38,7 +56,9 @@ __all__ = [
 POOL_MAXSIZE = int(os.environ.get("BELLAQ_UPSTREAM_POOL_MAXSIZE", "512"))  # idle connections kept per upstream
 CONNECT_TIMEOUT = 10.0
 ERROR_SNIPPET_CHARS = 500
-READ_BLOCK = 65536
+MAX_TARGETS = 256  # request targets a client remembers (one per endpoint it calls)
+# what a call that got no answer may raise: urllib3's errors and what escapes its wrapping
+TRANSPORT_ERRORS = (HTTPError, OSError, HTTPException)
 
 
 @dataclass
@@ -193,32 +213,22 @@ def _parse_body(content: bytes) -> Any:
         return _error_envelope(text or "the upstream answered with an empty, non-JSON body")
 
 
-def _result_from(resp: requests.Response, content: bytes, attempts: int) -> UpstreamResult:
+def _result_from(resp: BaseHTTPResponse, content: bytes, attempts: int) -> UpstreamResult:
     """The result of a whole (non-streamed) answer, with the provider's signals."""
     return _signals(_answer_from(resp, content, attempts), resp.headers)
 
 
-def _answer_from(resp: requests.Response, content: bytes, attempts: int) -> UpstreamResult:
+def _answer_from(resp: BaseHTTPResponse, content: bytes, attempts: int) -> UpstreamResult:
     """The result of a whole (non-streamed) answer.
 
     A 2xx SSE answer is aggregated like :meth:`UpstreamClient.stream` does; a 2xx answer that is
     not JSON becomes a 502 (the caller must not take an error page for a model answer).
     """
     request_id = resp.headers.get("x-request-id") or _new_request_id()
-    status = resp.status_code
+    status = resp.status
     if 200 <= status < 300:
         if "text/event-stream" in resp.headers.get("content-type", ""):
-            chunks = []
-            for payload in _sse_data(iter([content])):
-                if payload.strip() == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(payload)
-                except ValueError:
-                    continue
-                if isinstance(chunk, dict):
-                    chunks.append(chunk)
-            return UpstreamResult(status, aggregate_chunks(chunks), request_id, attempts)
+            return UpstreamResult(status, aggregate_chunks(sse_chunks(content)), request_id, attempts)
         try:
             return UpstreamResult(status, json.loads(content), request_id, attempts)
         except ValueError:
@@ -232,113 +242,81 @@ def _is_retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-_sessions: dict[tuple[int, str], requests.Session] = {}
-_sessions_lock = threading.Lock()
+class InvalidUpstreamURL(ValueError):
+    """A URL no request can be sent to (no http(s) scheme, no host, a bad port)."""
 
 
-def get_session(base_url: str) -> requests.Session:
-    """The pooled session of this process for ``base_url`` (new after a fork)."""
-    key = (os.getpid(), base_url)
-    session = _sessions.get(key)
-    if session is None:
-        with _sessions_lock:
-            session = _sessions.get(key)
-            if session is None:
-                session = requests.Session()
-                adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
-                session.mount("http://", adapter)
-                session.mount("https://", adapter)
-                _sessions[key] = session
-    return session
+@dataclass(frozen=True)
+class _Route:
+    """How this process reaches one upstream origin."""
+
+    pool: HTTPConnectionPool
+    absolute: bool  # through an HTTP proxy: the request target is the whole URL
 
 
-def _merge_tool_calls(target: list[dict[str, Any]], deltas: list[Any]) -> None:
-    for delta in deltas:
-        if not isinstance(delta, dict):
-            continue
-        index = delta.get("index", len(target))
-        while len(target) <= index:
-            target.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-        call = target[index]
-        if delta.get("id"):
-            call["id"] = delta["id"]
-        if delta.get("type"):
-            call["type"] = delta["type"]
-        fn = delta.get("function")
-        if isinstance(fn, dict):
-            if fn.get("name"):
-                call["function"]["name"] += fn["name"]
-            if fn.get("arguments"):
-                call["function"]["arguments"] += fn["arguments"]
+_routes: dict[tuple[int, str, str, int | None], _Route] = {}
+_routes_lock = threading.Lock()
 
 
-def aggregate_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Build the non-streaming object from streamed chunks.
+def _ca_bundle() -> str:
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
 
-    ``chat.completion.chunk`` chunks give a ``chat.completion`` (content, refusal, tool calls and
-    logprobs concatenated per choice, last ``finish_reason``, ``usage`` if sent); ``text_completion``
-    chunks give a ``text_completion``.
-    """
-    first = chunks[0] if chunks else {}
-    is_text = first.get("object") == "text_completion"
-    result: dict[str, Any] = {
-        "id": first.get("id"),
-        "object": "text_completion" if is_text else "chat.completion",
-        "created": first.get("created", int(time.time())),
-        "model": first.get("model"),
-    }
-    choices: dict[int, dict[str, Any]] = {}
-    usage = None
-    fingerprint = None
-    for chunk in chunks:
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        if chunk.get("system_fingerprint"):
-            fingerprint = chunk["system_fingerprint"]
-        for c in chunk.get("choices") or []:
-            if not isinstance(c, dict):
-                continue
-            index = c.get("index", 0)
-            choice = choices.get(index)
-            if choice is None:
-                if is_text:
-                    choice = {"text": "", "index": index, "logprobs": None, "finish_reason": None}
-                else:
-                    choice = {
-                        "index": index,
-                        "message": {"role": "assistant", "content": None},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                choices[index] = choice
-            if c.get("finish_reason") is not None:
-                choice["finish_reason"] = c["finish_reason"]
-            if is_text:
-                choice["text"] += c.get("text") or ""
-                continue
-            delta = c.get("delta") or {}
-            message = choice["message"]
-            if delta.get("role"):
-                message["role"] = delta["role"]
-            if delta.get("content") is not None:
-                message["content"] = (message["content"] or "") + delta["content"]
-            if delta.get("refusal") is not None:
-                message["refusal"] = (message.get("refusal") or "") + delta["refusal"]
-            if delta.get("tool_calls"):
-                _merge_tool_calls(message.setdefault("tool_calls", []), delta["tool_calls"])
-            logprobs = c.get("logprobs")
-            if isinstance(logprobs, dict):
-                target = choice["logprobs"] or {"content": None, "refusal": None}
-                for key in ("content", "refusal"):
-                    if logprobs.get(key):
-                        target[key] = (target.get(key) or []) + list(logprobs[key])
-                choice["logprobs"] = target
-    if fingerprint is not None:
-        result["system_fingerprint"] = fingerprint
-    result["choices"] = [choices[i] for i in sorted(choices)]
-    if usage is not None:
-        result["usage"] = usage
-    return result
+
+def _proxy_url(scheme: str, host: str, port: int | None) -> str | None:
+    """The environment's proxy for this origin, unless ``NO_PROXY`` exempts it."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    netloc = f"{host}:{port}" if port is not None else host
+    if urllib.request.proxy_bypass(netloc) or urllib.request.proxy_bypass(host):
+        return None
+    return proxy
+
+
+def _new_route(scheme: str, host: str, port: int | None) -> _Route:
+    options: dict[str, Any] = {"maxsize": POOL_MAXSIZE, "block": False, "retries": False}
+    if scheme == "https":
+        options.update(cert_reqs="CERT_REQUIRED", ca_certs=_ca_bundle())
+    proxy = _proxy_url(scheme, host, port)
+    if proxy is None:
+        cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
+        return _Route(cls(host, port, **options), absolute=False)
+    manager = urllib3.ProxyManager(proxy, num_pools=1, **options)
+    return _Route(manager.connection_from_host(host, port, scheme), absolute=scheme == "http")
+
+
+def _origin(url: str) -> tuple[str, str, int | None, str]:
+    """(scheme, host, port, request target) of an upstream URL; dot segments are removed as any
+    HTTP client does (``bellaq.upstream_rules`` refuses endpoints that have them)."""
+    try:
+        parsed = parse_url(url)
+    except LocationParseError as exc:
+        raise InvalidUpstreamURL(str(exc)) from exc
+    scheme = parsed.scheme
+    if scheme not in ("http", "https"):
+        raise InvalidUpstreamURL("no scheme" if scheme is None else f"scheme {scheme!r} is not http or https")
+    if not parsed.host:
+        raise InvalidUpstreamURL("no host")
+    return scheme, parsed.host, parsed.port, parsed.request_uri
+
+
+def _route(scheme: str, host: str, port: int | None) -> _Route:
+    key = (os.getpid(), scheme, host, port)
+    route = _routes.get(key)
+    if route is None:
+        with _routes_lock:
+            route = _routes.get(key)
+            if route is None:
+                route = _routes[key] = _new_route(scheme, host, port)
+    return route
+
+
+def get_pool(url: str) -> HTTPConnectionPool:
+    """The connection pool of this process for ``url``'s origin (new after a fork; through the
+    environment's proxy if one applies). Raises :class:`InvalidUpstreamURL`."""
+    scheme, host, port, _ = _origin(url)
+    return _route(scheme, host, port).pool
 
 
 # --------------------------------------------------------------------------- client
@@ -362,22 +340,38 @@ class UpstreamClient:
         self.max_attempts = max(1, int(max_attempts))
         self.backoff_base = float(backoff_base)
         self.backoff_max = float(backoff_max)
-        self.session = get_session(self.base_url)
+        self._targets: dict[str, tuple[str, str, int | None, str]] = {}
+        self._headers = {stream: self._make_headers(stream) for stream in (False, True)}
 
     # -- plumbing
 
-    def _headers(self, stream: bool) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        headers["Accept"] = "text/event-stream" if stream else "application/json"
+    def _make_headers(self, stream: bool) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+            "Accept-Encoding": "gzip, deflate",
+        }
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def _timeout(self, deadline: float | None) -> tuple[float, float]:
+    def _target(self, url: str) -> tuple[_Route, str]:
+        """The route and request target of ``url`` (parsed once per endpoint)."""
+        origin = self._targets.get(url)
+        if origin is None:
+            origin = _origin(url)
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            self._targets[url] = origin
+        scheme, host, port, target = origin
+        route = _route(scheme, host, port)
+        return route, url if route.absolute else target
+
+    def _timeout(self, deadline: float | None) -> urllib3.Timeout:
         read = self.timeout
         if deadline is not None:
             read = max(0.001, min(read, deadline - time.monotonic()))
-        return (min(CONNECT_TIMEOUT, read), read)
+        return urllib3.Timeout(connect=min(CONNECT_TIMEOUT, read), read=read)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -406,13 +400,18 @@ class UpstreamClient:
 
     def _send(
         self, endpoint: str, data: dict[str, Any], deadline: float | None, stream: bool
-    ) -> tuple[requests.Response | None, UpstreamResult | None, int, str]:
+    ) -> tuple[BaseHTTPResponse | None, UpstreamResult | None, int, str]:
         """POST with the retry rule. Returns (streaming 2xx response, None, attempts, "") when a
         stream may start, else (None, final result or None, attempts, last error text)."""
         url = self.base_url + endpoint
         attempts = 0
         last: UpstreamResult | None = None
         reason = "no attempt was made"
+        try:
+            body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            return None, None, attempts, f"the request cannot be sent as JSON: {exc}"
+        headers = self._headers[stream]
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 if last is None:
@@ -421,30 +420,25 @@ class UpstreamClient:
             attempts += 1
             retry_after: float | None = None
             try:
-                resp = self.session.post(
-                    url,
-                    json=data,
-                    headers=self._headers(stream),
-                    timeout=self._timeout(deadline),
-                    stream=stream,
-                )
-                if stream and 200 <= resp.status_code < 300:
-                    return resp, None, attempts, ""
-                try:
-                    content = resp.content
-                finally:
-                    resp.close()
-            except (
-                requests.exceptions.InvalidURL,
-                requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidSchema,
-            ) as exc:
+                route, target = self._target(url)
+            except InvalidUpstreamURL as exc:
                 return None, last, attempts, f"invalid upstream URL {url!r}: {exc}"
-            except requests.exceptions.RequestException as exc:
+            try:
+                resp = route.pool.urlopen(
+                    "POST", target, body=body, headers=headers, retries=False, redirect=False,
+                    assert_same_host=False, timeout=self._timeout(deadline), preload_content=not stream,
+                )
+                if stream:
+                    if 200 <= resp.status < 300:
+                        return resp, None, attempts, ""
+                    content = _read_all(resp)
+                else:
+                    content = resp.data
+            except TRANSPORT_ERRORS as exc:
                 reason = f"{type(exc).__name__} calling {url}: {exc}"
             else:
                 last = _result_from(resp, content, attempts)
-                if not _is_retryable_status(resp.status_code):
+                if not _is_retryable_status(resp.status):
                     return None, last, attempts, ""
                 retry_after = _retry_after_from_headers(resp.headers)
             if not self._wait(attempts, retry_after, deadline):
@@ -488,18 +482,18 @@ class UpstreamClient:
             if "text/event-stream" not in content_type:
                 # the upstream ignored "stream": answer with what it sent
                 try:
-                    result = _result_from(resp, resp.content, attempts)
-                except requests.exceptions.RequestException as exc:
+                    result = _result_from(resp, _read_all(resp), attempts)
+                except TRANSPORT_ERRORS as exc:
                     body = _error_envelope(f"upstream answer broke: {type(exc).__name__}: {exc}", "stream_broken")
                     result = UpstreamResult(502, body, request_id, attempts)
                 yield StreamEvent(kind="done", result=result)
                 return
             yield from self._read_sse(resp, request_id, attempts, deadline)
         finally:
-            resp.close()
+            _release(resp)
 
     def _read_sse(
-        self, resp: requests.Response, request_id: str, attempts: int, deadline: float | None
+        self, resp: BaseHTTPResponse, request_id: str, attempts: int, deadline: float | None
     ) -> Iterator[StreamEvent]:
         chunks: list[dict[str, Any]] = []
 
@@ -509,7 +503,7 @@ class UpstreamClient:
 
         got_done = False
         try:
-            for payload in _sse_data(_raw_blocks(resp)):
+            for payload in sse_data(raw_blocks(resp)):
                 if payload.strip() == "[DONE]":
                     got_done = True
                     break
@@ -529,7 +523,7 @@ class UpstreamClient:
                 if deadline is not None and time.monotonic() >= deadline:
                     yield failed(504, "deadline passed while the upstream was streaming", "deadline_exceeded")
                     return
-        except requests.exceptions.RequestException as exc:
+        except TRANSPORT_ERRORS as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 yield failed(504, "deadline passed while the upstream was streaming", "deadline_exceeded")
                 return
@@ -544,57 +538,21 @@ class UpstreamClient:
             yield failed(502, f"upstream stream ended early, after {len(chunks)} chunks", "stream_broken")
             return
         body = aggregate_chunks(chunks)
-        result = _signals(UpstreamResult(resp.status_code, body, request_id, attempts), resp.headers)
+        result = _signals(UpstreamResult(resp.status, body, request_id, attempts), resp.headers)
         yield StreamEvent(kind="done", result=result)
 
 
-def _raw_blocks(resp: requests.Response) -> Iterator[bytes]:
-    """Bytes of the body as soon as they arrive (no waiting for a full buffer)."""
-    raw = resp.raw
-    if getattr(raw, "chunked", False):
-        yield from resp.iter_content(chunk_size=None)
-        return
-    read1 = getattr(raw, "read1", None)
-    if read1 is None:
-        yield from resp.iter_content(chunk_size=1024)
-        return
+def _read_all(resp: BaseHTTPResponse) -> bytes:
+    """The rest of a streamed answer (its connection released either way)."""
     try:
-        while True:
-            block = read1(READ_BLOCK)
-            if not block:
-                return
-            yield block
-    except Exception as exc:  # urllib3 errors -> requests errors, as iter_content does
-        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        return resp.read()
+    finally:
+        _release(resp)
 
 
-def _sse_data(blocks: Iterator[bytes]) -> Iterator[str]:
-    """The ``data`` payload of each server-sent event (multi-line data joined by newlines)."""
-    buffer = b""
-    data_lines: list[str] = []
-    for block in blocks:
-        buffer += block
-        while True:
-            nl = buffer.find(b"\n")
-            if nl < 0:
-                break
-            line = buffer[:nl].rstrip(b"\r").decode("utf-8", errors="replace")
-            buffer = buffer[nl + 1 :]
-            if not line:
-                if data_lines:
-                    yield "\n".join(data_lines)
-                    data_lines = []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data":
-                data_lines.append(value)
-    tail = buffer.rstrip(b"\r").decode("utf-8", errors="replace")
-    if tail.startswith("data:"):
-        value = tail[5:]
-        data_lines.append(value[1:] if value.startswith(" ") else value)
-    if data_lines:
-        yield "\n".join(data_lines)
+def _release(resp: BaseHTTPResponse) -> None:
+    """Give a streamed answer's connection back to its pool: as it is when the body was read to
+    the end, else closed first (unread bytes would be taken for the next answer)."""
+    if not resp.closed:
+        resp.close()
+    resp.release_conn()

@@ -50,7 +50,7 @@ def put():
 @bp.get("/<task_id>")
 @require("user")
 def get(task_id: str):
-    return jsonify(tasks.owned_task(current_principal(), task_id).to_dict())
+    return jsonify(tasks.task_object(tasks.owned_task(current_principal(), task_id)))
 
 
 @operation("Cancel a task: a waiting one never runs, a running one's late result is dropped", tag="Tasks",

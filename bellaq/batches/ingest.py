@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 BATCH_LEVEL = 1
 PAGE = 1000
+FIRST_CHUNK = 250  # the first chunk is small so work starts soon; each next one doubles up to the chunk size
 LEASE_S = 10
 LOOK_S = 1.0  # how often a reading ingester renews its lease and looks for a cancel
 RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)  # about 18 s, then the sweep
@@ -292,6 +293,8 @@ def _insert_tasks(batch: Batch, source: File, max_line: int, reader: _Reader) ->
               "expire_time": (batch.expires_at or now_s()) * 1000, "attempts": 0, "result": None,
               "completed_time": None}
     pending: list[dict[str, Any]] = []
+    bodies: list[Any] = []  # the parsed bodies of ``pending``: token estimates reuse them
+    size = min(chunk, FIRST_CHUNK)
     index = 0
     with files.open_file(source) as stream:
         for number, raw, _size in read_lines(stream, max_line):
@@ -307,15 +310,18 @@ def _insert_tasks(batch: Batch, source: File, max_line: int, reader: _Reader) ->
                 body = json.dumps(obj["body"], separators=(",", ":"), ensure_ascii=False)
                 pending.append({**common, "id": task_id_for(batch.id, index), "custom_id": obj["custom_id"],
                                 "data": body})
+                bodies.append(obj["body"])
             index += 1
-            if len(pending) >= chunk:
-                _flush(batch, pending, base_score, builtin, queue)
-                pending = []
+            if len(pending) >= size:
+                _flush(batch, pending, bodies, base_score, builtin, queue)
+                pending, bodies = [], []
+                size = min(chunk, size * 2)
     if pending:
-        _flush(batch, pending, base_score, builtin, queue)
+        _flush(batch, pending, bodies, base_score, builtin, queue)
 
 
-def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: bool, queue: Queue | None) -> None:
+def _flush(batch: Batch, rows: list[dict[str, Any]], bodies: list[Any], base_score: int, builtin: bool,
+           queue: Queue | None) -> None:
     """Write one chunk of task rows, then make them takeable (or, once the batch ends, end them)."""
     svc = services()
     ending = _ending_of(batch.id)
@@ -335,7 +341,7 @@ def _flush(batch: Batch, rows: list[dict[str, Any]], base_score: int, builtin: b
     # task_payload only reads attributes: a plain namespace per row is enough (and much cheaper).
     items = [(row["id"], task_payload(SimpleNamespace(**row)), base_score + first_index + i)  # type: ignore[arg-type]
              for i, row in enumerate(rows)]
-    costs = {row["id"]: queue_cost(queue, batch.endpoint, json.loads(row["data"])) for row in rows}
+    costs = {row["id"]: queue_cost(queue, batch.endpoint, body) for row, body in zip(rows, bodies, strict=True)}
     added = svc.engine.enqueue_many(batch.queue, BATCH_LEVEL, items, costs=costs)
     metrics.tasks_put(batch.queue, BATCH_LEVEL, added)
     if builtin:
