@@ -39,19 +39,31 @@ def _shard_key(batch_id: str, kind: str, index: int) -> str:
 
 
 def has_open_tasks(batch_id: str) -> bool:
-    return db.session.execute(
-        db.select(Task.id).where(Task.batch_id == batch_id, Task.status.in_(OPEN_STATUSES)).limit(1)
-    ).first() is not None
+    """Whether a task of the batch is open, as committed now: read on a connection of its own, as
+    the session's transaction may hold an older snapshot (MySQL's repeatable read), which would
+    still show open a task that another process ended a moment ago."""
+    with db.engine.connect() as conn:
+        return conn.execute(
+            db.select(Task.id).where(Task.batch_id == batch_id, Task.status.in_(OPEN_STATUSES)).limit(1)
+        ).first() is not None
 
 
 def claim_finalization(batch_id: str) -> str | None:
     """Claim the finalisation of a batch whose every task ended: returns its target status, or
-    None when it is not ready or someone else claimed it. Runs once per batch."""
+    None when it is not ready or someone else claimed it. Runs once per batch.
+
+    Called by whoever ended what may be the batch's last task, right after committing it: the
+    session's transaction is ended first, so the batch and its tasks are read as committed now,
+    not as an older snapshot saw them (two completers ending the last two tasks at once must not
+    both see the other's task open)."""
+    db.session.commit()
     for _ in range(3):
         batch = load(batch_id)
         if batch is None or batch.final_status is not None or batch.ingested_at is None:
+            db.session.commit()
             return None
         if has_open_tasks(batch_id):
+            db.session.commit()
             return None
         target = batch.ending or BatchStatus.COMPLETED
         values: dict[str, Any] = {"final_status": target, "claimed_at": now_ms()}
