@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, inspect, select, update
+from sqlalchemy import bindparam, case, inspect, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -206,26 +206,45 @@ def _by_id(ids: Sequence[str], values: dict[str, Any], column: Any) -> Any:
     return case({i: values[i] for i in ids}, value=column)
 
 
+# The statements of the hot paths, built once: building an expression (an IN list above all) cost
+# more CPU than running it. ``ids`` expands to the id list.
+_TABLE = Task.__table__
+_OPEN_ROWS = _TABLE.c.status.in_(OPEN_STATUSES)
+_OF_IDS = _TABLE.c.id.in_(bindparam("ids", expanding=True))
+# One end status and one result for every row: a single task, or a group that ended alike.
+_CLAIM_ALIKE = update(_TABLE).where(_OF_IDS, _OPEN_ROWS).values(
+    status=bindparam("end_status"), completed_time=bindparam("end_time"), result=bindparam("end_result"))
+_CLAIM_ALIKE_RETURNING = _CLAIM_ALIKE.returning(_TABLE.c.id)
+_MARK_TAKEN = update(_TABLE).where(_OF_IDS, _OPEN_ROWS).values(
+    status=TaskStatus.QUEUED.value, attempts=bindparam("taken_attempts"), running_time=bindparam("taken_at"))
+
+
 def _claim_rows(conn: Connection, ids: list[str], statuses: dict[str, str], now: int,
                 texts: dict[str, str | None]) -> Sequence[str]:
-    table = Task.__table__
-    open_rows = table.c.status.in_(OPEN_STATUSES)
+    table = _TABLE
+    open_rows = _OPEN_ROWS
+    returning = conn.dialect.update_returning
 
     def claim(rows: list[str]) -> Any:
-        return (update(table).where(table.c.id.in_(rows), open_rows)
-                .values(status=_by_id(rows, statuses, table.c.id), completed_time=now,
-                        result=_by_id(rows, texts, table.c.id)))
+        end_statuses, end_texts = {statuses[i] for i in rows}, {texts[i] for i in rows}
+        if len(end_statuses) == 1 and len(end_texts) == 1:
+            params = {"ids": rows, "end_status": end_statuses.pop(), "end_time": now, "end_result": end_texts.pop()}
+            return conn.execute(_CLAIM_ALIKE_RETURNING if returning else _CLAIM_ALIKE, params)
+        statement = (update(table).where(table.c.id.in_(rows), open_rows)
+                     .values(status=_by_id(rows, statuses, table.c.id), completed_time=now,
+                             result=_by_id(rows, texts, table.c.id)))
+        return conn.execute(statement.returning(table.c.id) if returning else statement)
 
-    if conn.dialect.update_returning:
-        return conn.execute(claim(ids).returning(table.c.id)).scalars().all()
+    if returning:
+        return claim(ids).scalars().all()
     if len(ids) == 1:
-        return ids if conn.execute(claim(ids)).rowcount == 1 else ()
+        return ids if claim(ids).rowcount == 1 else ()
     # A locking read of the rows still open (the latest committed versions): nobody else can end
     # them before this transaction does, so every one of them is claimed by the UPDATE.
     ids = list(conn.execute(select(table.c.id).where(table.c.id.in_(ids), open_rows)
                             .order_by(table.c.id).with_for_update()).scalars())
     if ids:
-        conn.execute(claim(ids))
+        claim(ids)
     return ids
 
 
@@ -483,13 +502,16 @@ class Taken:
 
 def take_within_limits(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo",
                        process_timeout: float = 300, max_retries: int = 3, lease: float | None = None,
-                       holder: str = BUILTIN_HOLDER) -> Taken:
-    """:func:`take`, also saying whether the queue's limits held work back and until when."""
+                       holder: str = BUILTIN_HOLDER,
+                       start: Callable[[list[dict[str, Any]]], None] | None = None) -> Taken:
+    """:func:`take`, also saying whether the queue's limits held work back and until when.
+    ``start`` (a built-in worker's) is given the task objects before their SQL write (see
+    :func:`mark_taken`)."""
     lease_ms = None if lease is None else max(1, round(min(lease, process_timeout) * 1000))
     hinted = services().engine.take_with_hint(queues, size, strategy, process_timeout, max_retries,
                                               lease_ms=lease_ms, holder=holder)
     retry_s = None if hinted.retry_ms is None else hinted.retry_ms / 1000
-    return Taken(mark_taken(hinted.tasks), retry_s, hinted.limited)
+    return Taken(mark_taken(hinted.tasks, start), retry_s, hinted.limited)
 
 
 def claim_comeback(queue: str, level: int, after_s: float) -> bool:
@@ -506,10 +528,16 @@ def next_due_s(queue: str, level: int) -> float | None:
     return None if due_ms is None else due_ms / 1000
 
 
-def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
+def mark_taken(taken: Iterable[TakenTask],
+               start: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Write the taken tasks as ``queued`` (attempts, running time) and return them as task
     objects; overdue ones end as ``timeout`` instead. Only rows still open change: a task ended
-    meanwhile (a cancel between the take and this write) is not reopened."""
+    meanwhile (a cancel between the take and this write) is not reopened.
+
+    ``start`` is called with the task objects before the write, so a built-in worker's upstream
+    requests are under way while it runs (the lease, not this row, is what holds a task; the
+    worker completes nothing before this returns, and a write that fails leaves the leases to
+    run out and the tasks to be taken again)."""
     taken = list(taken)
     metrics.tasks_taken(taken)
     now = now_ms()
@@ -523,10 +551,11 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         task.update(status=TaskStatus.QUEUED, attempts=item.attempts, running_time=now, result=None,
                     completed_time=None)
         out.append(task)
+    if start is not None and out:
+        start(out)
     if out:
         # One UPDATE per attempts value (nearly always one): one statement, not one per task,
         # which is a round trip each on MySQL.
-        table = Task.__table__
         by_attempts: dict[int, list[str]] = defaultdict(list)
         for t in out:
             by_attempts[t["attempts"]].append(t["task_id"])
@@ -534,8 +563,7 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         def write() -> None:
             conn = db.session.connection()
             for attempts, ids in sorted(by_attempts.items()):
-                conn.execute(update(table).where(table.c.id.in_(sorted(ids)), table.c.status.in_(OPEN_STATUSES))
-                             .values(status=TaskStatus.QUEUED, attempts=attempts, running_time=now))
+                conn.execute(_MARK_TAKEN, {"ids": sorted(ids), "taken_attempts": attempts, "taken_at": now})
             db.session.commit()
 
         retrying(write)

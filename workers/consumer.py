@@ -227,6 +227,7 @@ class _Drain:
         self.leased: list[str] = []  # renewed by this process's heartbeat until the run ends
         self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
         self.refreshed = 0.0  # the first take marks this consumer alive
+        self.pubsub: PubSub | None = None  # subscribed to the level's channel once it lingered
 
     def come_back(self, at: float) -> None:
         self.again_at = at if self.again_at is None else min(self.again_at, at)
@@ -247,9 +248,8 @@ class _Drain:
         got = task_service.take_within_limits([(self.queue, self.level)], free,
                                               self.config["strategy"], self.svc.settings.default_process_timeout,
                                               self.svc.settings.default_max_retries, self.svc.settings.worker_lease,
-                                              leases.renewer().holder)
+                                              leases.renewer().holder, start=self.start)
         self.taken += len(got.tasks)
-        self.start(got.tasks)
         if got.limited:
             if got.retry_s is not None:
                 self.resume_at = now + got.retry_s
@@ -272,6 +272,7 @@ class _Drain:
         for task in tasks:
             future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
             self.inflight[future] = task
+        time.sleep(0)  # under gevent: let the requests go out before this greenlet writes SQL
 
     def announce_progress(self, taken: int) -> None:
         """The requests run meanwhile: announcements are off their critical path."""
@@ -281,6 +282,10 @@ class _Drain:
             token = announcements.recruit(self.svc, self.queue, self.level)
             if token is not None:
                 consume.apply_async((self.queue, self.level, token), queue=level_queue(self.level))
+        self.keep_alive()
+
+    def keep_alive(self) -> None:
+        """Refresh this consumer's announcement, at most every ``refresh_s``."""
         if time.monotonic() - self.refreshed > announcements.refresh_s(self.svc):
             self.refreshed = time.monotonic()
             announcements.alive(self.svc, self.queue, self.level, self.token)
@@ -367,24 +372,27 @@ class _Drain:
                     started + DRAIN_BUDGET_S)
         if until <= now or _messages_waiting(self.level, self.svc):
             return False
-        pubsub = _pubsub(self.svc)
-        channel = announcements.channel(self.svc, self.queue, self.level)
-        try:
-            pubsub.subscribe(channel)
-            announcements.alive(self.svc, self.queue, self.level, self.token)
-            woken = True  # a put before the subscription is found by this first take
-            while True:
-                if woken:
-                    self.taking, self.emptied = True, False
-                    self.refill(started)
-                    if self.inflight or self.resume_at is not None or self.again_at is not None or self.more:
-                        return True
-                remaining = until - time.monotonic()
-                if remaining <= 0 or _messages_waiting(self.level, self.svc):
-                    return False
-                woken = pubsub.get_message(timeout=min(remaining, LINGER_CHECK_S)) is not None
-        finally:
-            _release_pubsub(pubsub, channel)
+        if self.pubsub is None:  # subscribed until the run ends: a linger costs no round trip of its own
+            self.pubsub = _pubsub(self.svc)
+            self.pubsub.subscribe(announcements.channel(self.svc, self.queue, self.level))
+        self.keep_alive()
+        woken = True  # a put before the subscription is found by this first take
+        while True:
+            if woken:
+                self.taking, self.emptied = True, False
+                self.refill(started)
+                if self.inflight or self.resume_at is not None or self.again_at is not None or self.more:
+                    return True
+            remaining = until - time.monotonic()
+            if remaining <= 0 or _messages_waiting(self.level, self.svc):
+                return False
+            # A wake-up may be an old one (a put while this drain ran): the take then finds nothing.
+            woken = self.pubsub.get_message(timeout=min(remaining, LINGER_CHECK_S)) is not None
+
+    def unsubscribe(self) -> None:
+        if self.pubsub is not None:
+            _release_pubsub(self.pubsub, announcements.channel(self.svc, self.queue, self.level))
+            self.pubsub = None
 
     def run(self) -> int:
         started = time.monotonic()
@@ -436,4 +444,5 @@ def consume(queue: str, level: int, token: str | None = None) -> int:
     try:
         return drain.run()
     finally:
+        drain.unsubscribe()
         leases.renewer().release(drain.leased)
