@@ -73,10 +73,15 @@ def test_bellaq_dev_is_private_and_stops_everything_on_a_signal(tmp_path: Path, 
             "endpoint": "/v1/chat/completions", "response_mode": "blocking", "timeout": 50,
             "data": {"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]}})
         assert put.status_code == 200, put.text
-        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10, headers=headers)
-        ended = [s for f in text_string_to_metric_families(metrics.text) for s in f.samples
-                 if s.name == "bellaq_tasks_ended_total" and s.labels["status"] == "succeeded"]
-        assert sum(s.value for s in ended) == 1
+        # The held request is answered from the engine; the worker counts the end once its SQL
+        # write follows, a moment later.
+        def succeeded() -> float:
+            metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10, headers=headers)
+            return sum(s.value for f in text_string_to_metric_families(metrics.text) for s in f.samples
+                       if s.name == "bellaq_tasks_ended_total" and s.labels["status"] == "succeeded")
+
+        wait_for(lambda: succeeded() >= 1, timeout=30, interval=0.1, message="the end to be counted")
+        assert succeeded() == 1
         assert (instance / "metrics").is_dir()
         children = psutil.Process(dev.pid).children(recursive=True)
         assert len(children) >= 4  # mock upstream, gunicorn (master and worker), Celery worker, beat
