@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -502,16 +502,13 @@ class Taken:
 
 def take_within_limits(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo",
                        process_timeout: float = 300, max_retries: int = 3, lease: float | None = None,
-                       holder: str = BUILTIN_HOLDER,
-                       start: Callable[[list[dict[str, Any]]], None] | None = None) -> Taken:
-    """:func:`take`, also saying whether the queue's limits held work back and until when.
-    ``start`` (a built-in worker's) is given the task objects before their SQL write (see
-    :func:`mark_taken`)."""
+                       holder: str = BUILTIN_HOLDER) -> Taken:
+    """:func:`take`, also saying whether the queue's limits held work back and until when."""
     lease_ms = None if lease is None else max(1, round(min(lease, process_timeout) * 1000))
     hinted = services().engine.take_with_hint(queues, size, strategy, process_timeout, max_retries,
                                               lease_ms=lease_ms, holder=holder)
     retry_s = None if hinted.retry_ms is None else hinted.retry_ms / 1000
-    return Taken(mark_taken(hinted.tasks, start), retry_s, hinted.limited)
+    return Taken(mark_taken(hinted.tasks), retry_s, hinted.limited)
 
 
 def claim_comeback(queue: str, level: int, after_s: float) -> bool:
@@ -528,16 +525,10 @@ def next_due_s(queue: str, level: int) -> float | None:
     return None if due_ms is None else due_ms / 1000
 
 
-def mark_taken(taken: Iterable[TakenTask],
-               start: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
     """Write the taken tasks as ``queued`` (attempts, running time) and return them as task
     objects; overdue ones end as ``timeout`` instead. Only rows still open change: a task ended
-    meanwhile (a cancel between the take and this write) is not reopened.
-
-    ``start`` is called with the task objects before the write, so a built-in worker's upstream
-    requests are under way while it runs (the lease, not this row, is what holds a task; the
-    worker completes nothing before this returns, and a write that fails leaves the leases to
-    run out and the tasks to be taken again)."""
+    meanwhile (a cancel between the take and this write) is not reopened."""
     taken = list(taken)
     metrics.tasks_taken(taken)
     now = now_ms()
@@ -551,8 +542,6 @@ def mark_taken(taken: Iterable[TakenTask],
         task.update(status=TaskStatus.QUEUED, attempts=item.attempts, running_time=now, result=None,
                     completed_time=None)
         out.append(task)
-    if start is not None and out:
-        start(out)
     if out:
         # One UPDATE per attempts value (nearly always one): one statement, not one per task,
         # which is a round trip each on MySQL.

@@ -248,8 +248,9 @@ class _Drain:
         got = task_service.take_within_limits([(self.queue, self.level)], free,
                                               self.config["strategy"], self.svc.settings.default_process_timeout,
                                               self.svc.settings.default_max_retries, self.svc.settings.worker_lease,
-                                              leases.renewer().holder, start=self.start)
+                                              leases.renewer().holder)
         self.taken += len(got.tasks)
+        self.start(got.tasks)
         if got.limited:
             if got.retry_s is not None:
                 self.resume_at = now + got.retry_s
@@ -272,7 +273,6 @@ class _Drain:
         for task in tasks:
             future = executor().submit(run_request, task, self.client, self.bus, self.svc.settings.upstream_timeout)
             self.inflight[future] = task
-        time.sleep(0)  # under gevent: let the requests go out before this greenlet writes SQL
 
     def announce_progress(self, taken: int) -> None:
         """The requests run meanwhile: announcements are off their critical path."""
