@@ -97,6 +97,8 @@ def test_bellaq_dev_is_private_and_stops_everything_on_a_signal(tmp_path: Path, 
         assert alive == [], f"still running after {sig.name}: {[p.cmdline() for p in alive]}"
         assert not (instance / "metrics").exists()
     finally:
+        if dev.poll() is None:  # the test failed before it listed them
+            children = children or psutil.Process(dev.pid).children(recursive=True)
         for proc in children:  # only if the test failed: leave nothing behind
             try:
                 proc.kill()
