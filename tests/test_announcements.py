@@ -49,6 +49,21 @@ def test_a_backlog_announced_at_once_gets_a_consumer_per_take(app, broker):
         assert broker() == 4
 
 
+def test_an_announcement_after_redis_forgot_its_scripts_still_counts_and_sends(app, broker):
+    """The claim runs by EVALSHA alone; after SCRIPT FLUSH it loads the script and runs once."""
+    from workers import announcements
+    from workers.consumer import announce
+
+    with app.app_context():
+        svc = app.extensions["bellaq"]
+        announce("flushed", 0, 1)
+        assert broker() == 1
+        svc.redis.script_flush()
+        announce("flushed", 0, 100)  # 100 tasks: three more consumers, as takes are of 32
+        assert broker() == 4
+        assert svc.redis.zcard(announcements.key(svc, "flushed", 0)) == 4
+
+
 def test_a_lost_announcement_stops_counting_on_its_own(app, client, admin, user, broker):
     import time
 

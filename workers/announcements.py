@@ -20,6 +20,8 @@ import secrets
 import time
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from bellaq.services import Services
 
 CAP = 64  # consumers announced per queue level at most
@@ -95,10 +97,20 @@ def claim(svc: Services, queue: str, level: int, count: int) -> list[str]:
     if script is None:
         script = _scripts[id(svc.redis)] = svc.redis.register_script(_CLAIM)
     tokens = [new_token() for _ in range(wanted(svc, count))]
-    pipe = svc.redis.pipeline(transaction=False)
-    script(keys=[key(svc, queue, level)], args=[time.time(), WAIT_S, KEY_TTL_S, *tokens], client=pipe)
-    pipe.publish(channel(svc, queue, level), count)
-    added, _ = pipe.execute()
+    args = [time.time(), WAIT_S, KEY_TTL_S, *tokens]
+    for attempt in (1, 2):
+        # EVALSHA itself: a Script run through a pipeline first asks SCRIPT EXISTS, a round trip
+        # of its own on every call.
+        pipe = svc.redis.pipeline(transaction=False)
+        pipe.evalsha(script.sha, 1, key(svc, queue, level), *args)
+        pipe.publish(channel(svc, queue, level), count)
+        try:
+            added, _ = pipe.execute()
+            break
+        except NoScriptError:  # Redis restarted or flushed its scripts: load it and run again
+            if attempt == 2:
+                raise
+            svc.redis.script_load(_CLAIM)
     return [t.decode() if isinstance(t, bytes) else t for t in added]
 
 
