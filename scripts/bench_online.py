@@ -684,6 +684,8 @@ def main() -> None:
                         help="BELLAQ_MAX_HELD_REQUESTS of each web process (default: bellaq's)")
     parser.add_argument("--held-workers", type=int, default=4, help="Celery worker processes for held")
     parser.add_argument("--held-concurrency", type=int, default=512, help="their gevent concurrency")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="results file (merged; default bench/results/online.json)")
     parser.add_argument("--keep-logs", default=None, help="copy every process's log to this directory at the end")
     parser.add_argument("--stream-n", type=int, default=100, help="streaming requests (default 100)")
     parser.add_argument("--chunk-delay", type=float, default=0.01, help="mock seconds between chunks")
@@ -693,7 +695,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
     raise_nofile()
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    out = args.results.resolve()
+    results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     with tempfile.TemporaryDirectory(prefix="bqbench-online-") as tmp_name, \
             database(args.database_url, Path(tmp_name)) as db_url:
         tmp = Path(tmp_name)
@@ -743,10 +746,10 @@ def main() -> None:
                 for log in tmp.glob("*.log"):
                     shutil.copy(log, Path(args.keep_logs) / log.name)
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print_report(results)
-    print(f"written to {RESULTS.relative_to(ROOT)}")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":
