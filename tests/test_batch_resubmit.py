@@ -4,6 +4,8 @@ batches' output files hold every ``custom_id`` of the original exactly once."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections import Counter
 
 import openai
@@ -33,7 +35,12 @@ from tests.batch_fixtures import (  # noqa: F401  (ext_queue is a fixture)
 
 def test_resubmit_the_cancelled_lines_with_the_sdk(live_server, user, celery_worker, mock_upstream, settings):
     settings.worker_take_size = 2
-    mock_upstream.state.latency = 0.2
+    # The first 8 requests are answered; the rest wait until the batch is cancelled, so the cancel
+    # finds lines not yet taken however fast the workers are. The cancel's control message waits for
+    # a worker slot that draining consumers hold: they must give it back.
+    gate, answered = threading.Event(), itertools.count()
+    mock_upstream.state.latency = 0.01
+    mock_upstream.state.sleep = lambda delay: next(answered) < 8 or gate.wait(30)
     api = sdk(live_server.url, user)
     lines = [chat_line(f"r{i}") for i in range(40)]
     for i in (0, 1):
@@ -43,6 +50,7 @@ def test_resubmit_the_cancelled_lines_with_the_sdk(live_server, user, celery_wor
                                   metadata={"run": "first"})
     wait_for(lambda: api.batches.retrieve(original.id).request_counts.completed >= 4, timeout=30)
     api.batches.cancel(original.id)
+    gate.set()
     original = finished(api, original.id)
     assert original.status == "cancelled" and original.request_counts.failed > 0
     mock_upstream.state.latency = 0

@@ -157,16 +157,22 @@ def _outcome(result: UpstreamResult, retryable: bool) -> Outcome:
                    result.retry_after, result.limit_wait, retryable, (result.announced_rpm, result.announced_tpm))
 
 
-def _messages_waiting(level: int, svc: Services) -> bool:
-    """True when a Celery message of this level, a more urgent one or a control one waits for a
-    slot: a lingering consumer then gives its slot back."""
+def _messages_waiting(svc: Services, queues: list[str]) -> bool:
+    """True when a Celery message waits for a slot in one of ``queues`` (one round trip)."""
     global _broker
     if _broker is None:
         _broker = redis.Redis.from_url(svc.settings.broker_url)
     pipe = _broker.pipeline(transaction=False)
-    for name in [CONTROL_QUEUE] + [level_queue(lvl) for lvl in range(level + 1)]:
+    for name in queues:
         pipe.llen(f"{broker_prefix(svc.settings)}{name}")
     return any(pipe.execute())
+
+
+def _yield_to(level: int, lingering: bool) -> list[str]:
+    """The Celery queues whose waiting messages make a consumer of ``level`` give its slot back:
+    the control queue (a cancel, a finalisation, an ingest chunk) and the more urgent levels, and
+    while it lingers its own level too."""
+    return [CONTROL_QUEUE] + [level_queue(lvl) for lvl in range(level + 1 if lingering else level)]
 
 
 def _pubsub(svc: Services) -> PubSub:
@@ -191,24 +197,11 @@ def _release_pubsub(pubsub: PubSub, channel: str) -> None:
     pubsub.close()
 
 
-def _higher_levels_waiting(level: int, svc: Services) -> bool:
-    """True when a Celery message of a more urgent level waits: a draining consumer then gives
-    its slot back."""
-    if level == 0:
-        return False
-    global _broker
-    if _broker is None:
-        _broker = redis.Redis.from_url(svc.settings.broker_url)
-    pipe = _broker.pipeline(transaction=False)
-    for higher in range(level):
-        pipe.llen(f"{broker_prefix(svc.settings)}{level_queue(higher)}")
-    return any(pipe.execute())
-
-
 class _Drain:
     """One consume message's run: keeps up to ``slots`` tasks in flight, refilling as they end,
     until the queue is empty, a limit says wait while nothing runs, the time budget is spent, or
-    more urgent work waits. Transient answers go back to the engine as delayed tasks."""
+    a control message or more urgent work waits. Transient answers go back to the engine as
+    delayed tasks."""
 
     def __init__(self, queue: str, level: int, config: dict, svc: Services, token: str) -> None:
         self.queue, self.level, self.config, self.svc, self.token = queue, level, config, svc, token
@@ -222,7 +215,7 @@ class _Drain:
         self.resume_at: float | None = None  # a limit held work back until then (monotonic)
         self.again_at: float | None = None  # re-announce at this time (monotonic)
         self.again_in: float | None = None  # re-announce after this many seconds
-        self.more = False  # work is left that only the time budget or more urgent work put off
+        self.more = False  # work is left that the budget, a control message or more urgent work put off
         self.emptied = False  # a take found nothing waiting
         self.leased: list[str] = []  # renewed by this process's heartbeat until the run ends
         self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
@@ -236,7 +229,7 @@ class _Drain:
         """Take more work into free slots, within the queue's limits (one engine call)."""
         now = time.monotonic()
         self.resume_at = None
-        if now - started > DRAIN_BUDGET_S or _higher_levels_waiting(self.level, self.svc):
+        if now - started > DRAIN_BUDGET_S or _messages_waiting(self.svc, _yield_to(self.level, False)):
             self.more = True
             self.taking = False
             return
@@ -370,7 +363,7 @@ class _Drain:
         now = time.monotonic()
         until = min(now + self.svc.settings.worker_linger, now + announcements.refresh_s(self.svc),
                     started + DRAIN_BUDGET_S)
-        if until <= now or _messages_waiting(self.level, self.svc):
+        if until <= now or _messages_waiting(self.svc, _yield_to(self.level, True)):
             return False
         if self.pubsub is None:  # subscribed until the run ends: a linger costs no round trip of its own
             self.pubsub = _pubsub(self.svc)
@@ -384,7 +377,7 @@ class _Drain:
                 if self.inflight or self.resume_at is not None or self.again_at is not None or self.more:
                     return True
             remaining = until - time.monotonic()
-            if remaining <= 0 or _messages_waiting(self.level, self.svc):
+            if remaining <= 0 or _messages_waiting(self.svc, _yield_to(self.level, True)):
                 return False
             # A wake-up may be an old one (a put while this drain ran): the take then finds nothing.
             woken = self.pubsub.get_message(timeout=min(remaining, LINGER_CHECK_S)) is not None
