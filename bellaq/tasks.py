@@ -584,6 +584,7 @@ def reap(now: int | None = None) -> dict[str, int]:
                 update(Task).where(Task.id.in_(res.requeued), Task.status == TaskStatus.QUEUED)
                 .values(status=TaskStatus.WAITING)
             )
+            _recheck_batches(res.requeued)
             db.session.commit()
             requeued += len(res.requeued)
             if queue in builtin:
@@ -611,6 +612,15 @@ def reap(now: int | None = None) -> dict[str, int]:
 
     lost = end_lost_completions()
     return {"requeued": requeued, "failed": failed, "timed_out": timed_out, "lost": lost}
+
+
+def _recheck_batches(task_ids: Sequence[str]) -> None:
+    """The batches of tasks put back after a lease ran out: their holder may have died with end
+    states written but not counted, so their last end must ask SQL (see batches.progress)."""
+    from bellaq.batches import progress  # batches build on this module
+
+    progress.recheck(db.session.execute(
+        select(Task.batch_id).where(Task.id.in_(task_ids), Task.batch_id != "").distinct()).scalars())
 
 
 def recover(chunk: int = 2000) -> int:

@@ -256,6 +256,31 @@ def test_transient_faults_are_retried_a_bounded_number_of_times_then_left_to_the
     assert state(bound, created["id"])["status"] == "in_progress"
 
 
+def test_a_batch_whose_end_count_a_dead_worker_missed_ends_with_its_last_task(app, client, user, worker, ext,
+                                                                              celery_worker):
+    """A worker dies after writing one task's end state in SQL but before counting it, holding
+    the other task's lease. Once the reaper has put that task back, its end finalises the batch at
+    once, not at the sweep's next pass (no beat runs here: without the recheck it never would)."""
+    from bellaq.batches import progress
+    from bellaq.clock import now_ms
+    from bellaq.services import services
+    from bellaq.tasks import reap
+
+    created = create_batch(client, user, jsonl([chat_line("a"), chat_line("b")]), extra_headers=QUEUE)
+    wait_for(lambda: state(app, created["id"])["status"] == "in_progress", timeout=20)
+    first, second = take(client, worker, 2)
+    assert complete(client, worker, first).status_code == 200
+    with app.app_context():
+        services().redis.hincrby(progress.key(created["id"]), "ended", -1)  # the count the dead worker missed
+        assert reap(now_ms() + 601_000)["requeued"] == 1  # its other lease ran out
+    [again] = take(client, worker, 1)
+    assert again["task_id"] == second["task_id"]
+    assert complete(client, worker, again).status_code == 200
+    wait_for(lambda: state(app, created["id"])["status"] == "completed", timeout=20,
+             message="the batch to finalise after its last task")
+    assert state(app, created["id"])["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+
+
 BROKER_DOWN = [OperationalError("[Errno 111] Connection refused"),
                redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379.")]
 

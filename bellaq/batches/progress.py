@@ -3,7 +3,10 @@
 ``<prefix>:batch:<id>`` is a hash: ``total`` (requests, set when ingest ends), ``ended`` (tasks
 that reached an end state) and ``v`` (bumped on every status change). ``ended`` reaching
 ``total`` says the last request ended (SQL then decides: :func:`bellaq.batches.output.claim_finalization`);
-``(ended, v)`` is the version a watcher compares to know when to read SQL again.
+``(ended, v)`` is the version a watcher compares to know when to read SQL again. ``recheck``
+is set once a task of the batch was put back after its lease ran out: its holder may have died
+between writing end states and counting them, so ``ended`` may never reach ``total``; from then
+on every end of one of the batch's tasks asks SQL.
 
 All of it is a hint: losing it (Redis down or wiped) delays a batch, never breaks it. The sweep
 finalises from SQL, and watchers read SQL every few seconds anyway.
@@ -50,15 +53,32 @@ def add_ended(counts: Mapping[str, int]) -> list[str]:
     pipe = services().redis.pipeline(transaction=False)
     for batch_id, n in counts.items():
         pipe.hincrby(key(batch_id), "ended", n)
-        pipe.hget(key(batch_id), "total")
+        pipe.hmget(key(batch_id), ["total", "recheck"])
         pipe.expire(key(batch_id), TTL_S)
     replies = pipe.execute()
     done = []
     for i, batch_id in enumerate(counts):
-        ended, total = int(replies[3 * i]), replies[3 * i + 1]
-        if total is not None and ended >= int(total):
+        ended, (total, recheck) = int(replies[3 * i]), replies[3 * i + 1]
+        if total is not None and (ended >= int(total) or recheck is not None):
             done.append(batch_id)
     return done
+
+
+def recheck(batch_ids: Iterable[str]) -> None:
+    """Tasks of these batches were put back after their leases ran out: their count may miss
+    tasks a dead worker ended in SQL, so every later end of one of their tasks asks SQL whether the
+    batch is done (one indexed read). Best effort: the sweep finalises from SQL anyway."""
+    batch_ids = list(batch_ids)
+    if not batch_ids:
+        return
+    try:
+        pipe = services().redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hset(key(batch_id), "recheck", 1)
+            pipe.expire(key(batch_id), TTL_S)
+        pipe.execute()
+    except RedisError as err:
+        log.info("batches %s: recheck not recorded (%s); the sweep finalises them", batch_ids, err)
 
 
 def tasks_ended(tasks: Iterable[Task]) -> list[str]:
