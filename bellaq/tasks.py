@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,7 +371,8 @@ def complete_task(task: Task, result: dict[str, Any], holder: str | None = None)
     )
 
 
-def complete_many(results: dict[str, dict[str, Any]], taken: Mapping[str, Mapping[str, Any]] | None = None) -> int:
+def complete_many(results: dict[str, dict[str, Any]], taken: Mapping[str, Mapping[str, Any]] | None = None,
+                  write_aside: Callable[[Callable[[], int]], object] | None = None) -> int:
     """Complete tasks leased by built-in workers: claimed in the engine in one round trip, then
     written in one SQL transaction (one claim for every end status). Tasks nobody holds any more
     (cancelled, timed out) are dropped.
@@ -380,7 +381,11 @@ def complete_many(results: dict[str, dict[str, Any]], taken: Mapping[str, Mappin
     claim. Held requests of the claimed online tasks are answered as soon as the engine has
     recorded their results, before the SQL write: a completer killed between the two leaves the
     same result for the lost-completion reaper to write, and cancels and timeouts of a task the
-    engine completed change nothing (:func:`completed_in_engine`)."""
+    engine completed change nothing (:func:`completed_in_engine`).
+
+    ``write_aside`` (given ``taken``) is handed the SQL write as a function to run elsewhere, in
+    an app context of its own: the caller goes on as soon as the engine has the results (their
+    held requests answered); the count returned is then the engine's."""
     if not results:
         return 0
     rows: Sequence[Task | _TakenRef]
@@ -401,19 +406,27 @@ def complete_many(results: dict[str, dict[str, Any]], taken: Mapping[str, Mappin
 
     answered = answer_held([(t.id, t.instance_id, t.response_mode, results[t.id], status_of[t.id])
                             for t in rows if t.id in status_of])
-    if rows and not isinstance(rows[0], Task):
-        rows = db.session.execute(db.select(Task).where(Task.id.in_(sorted(status_of)))).scalars().all() \
-            if status_of else []
-    won: list[Task] = []
-    for task in rows:
-        assert isinstance(task, Task)
-        if task.id in status_of:
-            if task.id in answered:
-                setattr(task, ANSWERED_EARLY, True)
-            won.append(task)
-    ended = len(write_end_states(won, status_of, results=results))
-    _forget_recorded(won)
-    return ended
+
+    def write() -> int:
+        ended_rows = rows
+        if ended_rows and not isinstance(ended_rows[0], Task):
+            ended_rows = db.session.execute(
+                db.select(Task).where(Task.id.in_(sorted(status_of)))).scalars().all() if status_of else []
+        won: list[Task] = []
+        for task in ended_rows:
+            assert isinstance(task, Task)
+            if task.id in status_of:
+                if task.id in answered:
+                    setattr(task, ANSWERED_EARLY, True)
+                won.append(task)
+        ended = len(write_end_states(won, status_of, results=results))
+        _forget_recorded(won)
+        return ended
+
+    if write_aside is None or not status_of or isinstance(rows[0], Task):
+        return write()
+    write_aside(write)
+    return len(status_of)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -221,6 +222,9 @@ class _Drain:
         self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
         self.refreshed = 0.0  # the first take marks this consumer alive
         self.pubsub: PubSub | None = None  # subscribed to the level's channel once it lingered
+        # Online tasks' SQL writes run aside (not on SQLite: one process's concurrent writers wait
+        # on its write lock without yielding), so the next take need not wait for them.
+        self.writes: list[Future] | None = None if svc.settings.database_url.startswith("sqlite") else []
 
     def come_back(self, at: float) -> None:
         self.again_at = at if self.again_at is None else min(self.again_at, at)
@@ -316,9 +320,31 @@ class _Drain:
                 (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = \
                     ending[task["task_id"]]
         if online:
-            task_service.complete_many(online, taken)
+            task_service.complete_many(online, taken, None if self.writes is None else self.write_aside)
         if len(self.finished) >= self.slots:
             self.flush()
+
+    def write_aside(self, write: Callable[[], int]) -> None:
+        """Run an online completion's SQL write in the executor. A write that fails leaves the
+        engine's record of the results to the lost-completion reaper."""
+        app = get_flask_app()
+
+        def run() -> None:
+            with app.app_context():
+                try:
+                    write()
+                except Exception:  # noqa: BLE001 - the reaper writes what the engine recorded
+                    log.exception("the SQL write of completed online tasks failed; the reaper writes it")
+
+        assert self.writes is not None
+        self.writes = [future for future in self.writes if not future.done()]
+        self.writes.append(executor().submit(run))
+
+    def settle(self) -> None:
+        """Wait for the SQL writes run aside: a run ends with its tasks written."""
+        if self.writes:
+            wait(self.writes)
+            self.writes.clear()
 
     def flush(self) -> None:
         if self.finished:
@@ -437,5 +463,6 @@ def consume(queue: str, level: int, token: str | None = None) -> int:
     try:
         return drain.run()
     finally:
+        drain.settle()
         drain.unsubscribe()
         leases.renewer().release(drain.leased)
