@@ -221,6 +221,7 @@ class _Drain:
         self.leased: list[str] = []  # renewed by this process's heartbeat until the run ends
         self.recruited = config["strategy"] == "sequential"  # one at a time: nobody to recruit
         self.refreshed = 0.0  # the first take marks this consumer alive
+        self.looked = 0.0  # when the Celery queues this consumer yields to were last looked at
         self.pubsub: PubSub | None = None  # subscribed to the level's channel once it lingered
         # Online tasks' SQL writes run aside (not on SQLite: one process's concurrent writers wait
         # on its write lock without yielding), so the next take need not wait for them.
@@ -233,7 +234,7 @@ class _Drain:
         """Take more work into free slots, within the queue's limits (one engine call)."""
         now = time.monotonic()
         self.resume_at = None
-        if now - started > DRAIN_BUDGET_S or _messages_waiting(self.svc, _yield_to(self.level, False)):
+        if now - started > DRAIN_BUDGET_S or self.should_yield(now, lingering=False):
             self.more = True
             self.taking = False
             return
@@ -280,6 +281,15 @@ class _Drain:
             if token is not None:
                 consume.apply_async((self.queue, self.level, token), queue=level_queue(self.level))
         self.keep_alive()
+
+    def should_yield(self, now: float, lingering: bool) -> bool:
+        """Whether a Celery message waits for this consumer's slot (see :func:`_yield_to`). A
+        draining consumer of level 0 has no more urgent level to watch: it looks at the control
+        queue at most every ``LINGER_CHECK_S``, so a take costs no extra round trip."""
+        if not lingering and self.level == 0 and now - self.looked < LINGER_CHECK_S:
+            return False
+        self.looked = now
+        return _messages_waiting(self.svc, _yield_to(self.level, lingering))
 
     def keep_alive(self) -> None:
         """Refresh this consumer's announcement, at most every ``refresh_s``."""
@@ -389,7 +399,7 @@ class _Drain:
         now = time.monotonic()
         until = min(now + self.svc.settings.worker_linger, now + announcements.refresh_s(self.svc),
                     started + DRAIN_BUDGET_S)
-        if until <= now or _messages_waiting(self.svc, _yield_to(self.level, True)):
+        if until <= now or self.should_yield(now, lingering=True):
             return False
         if self.pubsub is None:  # subscribed until the run ends: a linger costs no round trip of its own
             self.pubsub = _pubsub(self.svc)
@@ -403,7 +413,7 @@ class _Drain:
                 if self.inflight or self.resume_at is not None or self.again_at is not None or self.more:
                     return True
             remaining = until - time.monotonic()
-            if remaining <= 0 or _messages_waiting(self.svc, _yield_to(self.level, True)):
+            if remaining <= 0 or self.should_yield(time.monotonic(), lingering=True):
                 return False
             # A wake-up may be an old one (a put while this drain ran): the take then finds nothing.
             woken = self.pubsub.get_message(timeout=min(remaining, LINGER_CHECK_S)) is not None
