@@ -225,7 +225,8 @@ class _Drain:
         self.pubsub: PubSub | None = None  # subscribed to the level's channel once it lingered
         # Online tasks' SQL writes run aside (not on SQLite: one process's concurrent writers wait
         # on its write lock without yielding), so the next take need not wait for them.
-        self.writes: list[Future] | None = None if svc.settings.database_url.startswith("sqlite") else []
+        self.writes_aside = not svc.settings.database_url.startswith("sqlite")
+        self.writes: list[Future] = []  # those still running
 
     def come_back(self, at: float) -> None:
         self.again_at = at if self.again_at is None else min(self.again_at, at)
@@ -330,7 +331,7 @@ class _Drain:
                 (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = \
                     ending[task["task_id"]]
         if online:
-            task_service.complete_many(online, taken, None if self.writes is None else self.write_aside)
+            task_service.complete_many(online, taken, self.write_aside if self.writes_aside else None)
         if len(self.finished) >= self.slots:
             self.flush()
 
@@ -346,7 +347,6 @@ class _Drain:
                 except Exception:  # noqa: BLE001 - the reaper writes what the engine recorded
                     log.exception("the SQL write of completed online tasks failed; the reaper writes it")
 
-        assert self.writes is not None
         self.writes = [future for future in self.writes if not future.done()]
         self.writes.append(executor().submit(run))
 
