@@ -93,7 +93,7 @@ def _rerun_unrecorded(limit: int) -> int:
         db.session.commit()
         for (queue, level), n in _count_by_level(rerun).items():
             if _is_builtin(queue):
-                svc.work_ready(queue, level, n)
+                svc.work_ready(queue, level, n, lost=True)
     result = error_result(502, "The worker that ran this request stopped before recording its answer.",
                           "worker_lost", "upstream_error")
     return len(rerun) + len(write_end_state(failed, TaskStatus.FAILED, result))

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from bellaq.storage import Storage
 
 TaskListener = Callable[[list["Task"]], None]
-WorkListener = Callable[[str, int, int], None]
+WorkListener = Callable[[str, int, int, bool], None]
 BatchListener = Callable[[str], None]
 
 
@@ -35,7 +35,8 @@ class Services:
     instance_id: str
     # Called with tasks that just reached an end state (after the SQL commit).
     on_task_end: list[TaskListener] = field(default_factory=list)
-    # Called with (queue, level, count) when tasks become takeable on a built-in queue.
+    # Called with (queue, level, count, lost) when tasks become takeable on a built-in queue;
+    # ``lost``: they were put back after their holder's lease ran out (it may have died).
     on_work_ready: list[WorkListener] = field(default_factory=list)
     # Called with the id of a batch just created (its input must be validated and ingested).
     on_batch_created: list[BatchListener] = field(default_factory=list)
@@ -55,9 +56,9 @@ class Services:
         for listener in self.on_task_end:
             listener(tasks)
 
-    def work_ready(self, queue: str, level: int, count: int = 1) -> None:
+    def work_ready(self, queue: str, level: int, count: int = 1, *, lost: bool = False) -> None:
         for listener in self.on_work_ready:
-            listener(queue, level, count)
+            listener(queue, level, count, lost)
 
     def batch_created(self, batch_id: str) -> None:
         for listener in self.on_batch_created:

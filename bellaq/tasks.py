@@ -601,7 +601,7 @@ def reap(now: int | None = None) -> dict[str, int]:
             db.session.commit()
             requeued += len(res.requeued)
             if queue in builtin:
-                svc.work_ready(queue, level, len(res.requeued))
+                svc.work_ready(queue, level, len(res.requeued), lost=True)
         if res.promoted and queue in builtin:
             svc.work_ready(queue, level, len(res.promoted))
         if res.failed:

@@ -83,6 +83,27 @@ def test_a_lost_announcement_stops_counting_on_its_own(app, client, admin, user,
     assert broker() == 1
 
 
+def test_tasks_reaped_from_a_killed_worker_are_announced_past_its_lost_messages(app, client, admin, user,
+                                                                                broker):
+    """A killed worker takes with it the messages it had received and not started, and their
+    announcements count for WAIT_S. The reaper, putting its tasks back, sends a message at once
+    rather than when those announcements run out."""
+    from bellaq import tasks as task_service
+    from bellaq.clock import now_ms
+    from workers import announcements
+
+    _register(client, admin, "killed")
+    _put(client, user, "killed", 1)
+    svc = app.extensions["bellaq"]
+    assert broker() == 1 and announcements.live(svc, "killed", 0) == 1
+    svc.redis.delete(svc.key("celery", "bellaq.l0"))  # the killed worker had received the message
+    with app.app_context():
+        assert len(svc.engine.take([("killed", 0)], 1, lease_ms=1000, holder="killed-worker")) == 1
+        assert task_service.reap(now_ms() + 5000)["requeued"] == 1
+    assert announcements.live(svc, "killed", 0) >= 1  # the lost message still counts ...
+    assert broker() == 1  # ... and the put-back task has a message of its own
+
+
 def test_a_dead_consumer_stops_counting_while_others_drain(app, broker):
     """Each consumer keeps only itself alive: one killed mid-drain is presumed dead within LIVE_S."""
     import time

@@ -67,14 +67,16 @@ def _add(svc: Services, queue: str, level: int, tokens: list[str], alive_for: fl
     pipe.execute()
 
 
-# KEYS: the set. ARGV: now, seconds a message lives, key TTL, then the tokens offered; adds as
-# many of them as bring the live members up to the number offered, and returns those.
+# KEYS: the set. ARGV: now, seconds a message lives, key TTL, whether to count the live members
+# (1) or not (0), then the tokens offered; adds as many of them as bring the live members up to
+# the number offered (or all of them), and returns those.
 _CLAIM = """
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local live = redis.call('ZCARD', KEYS[1])
+local live = 0
+if ARGV[4] == '1' then live = redis.call('ZCARD', KEYS[1]) end
 local out = {}
-for i = 4 + live, #ARGV do
+for i = 5 + live, #ARGV do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
   out[#out + 1] = ARGV[i]
 end
@@ -89,15 +91,17 @@ def channel(svc: Services, queue: str, level: int) -> str:
     return svc.key("work", queue, str(level))
 
 
-def claim(svc: Services, queue: str, level: int, count: int) -> list[str]:
+def claim(svc: Services, queue: str, level: int, count: int, *, lost: bool = False) -> list[str]:
     """Tokens of the messages to send for ``count`` new tasks (already counted): enough that at
     least ``wanted(count)`` consumers are announced; consumers lingering on the level are woken.
-    One round trip."""
+    One round trip. With ``lost`` (tasks put back after their holder's lease ran out) the
+    ``wanted(count)`` are sent whatever is announced: the dead worker's received messages count
+    until their ``WAIT_S`` ends, and would hold the put-back tasks that long."""
     script = _scripts.get(id(svc.redis))
     if script is None:
         script = _scripts[id(svc.redis)] = svc.redis.register_script(_CLAIM)
     tokens = [new_token() for _ in range(wanted(svc, count))]
-    args = [time.time(), WAIT_S, KEY_TTL_S, *tokens]
+    args = [time.time(), WAIT_S, KEY_TTL_S, 0 if lost else 1, *tokens]
     for attempt in (1, 2):
         # EVALSHA itself: a Script run through a pipeline first asks SCRIPT EXISTS, a round trip
         # of its own on every call.

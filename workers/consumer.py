@@ -58,11 +58,12 @@ _pubsubs: list[PubSub] = []  # idle Pub/Sub connections of lingering consumers
 MAX_IDLE_PUBSUBS = 64
 
 
-def announce(queue: str, level: int, count: int = 1) -> None:
+def announce(queue: str, level: int, count: int = 1, lost: bool = False) -> None:
     """Send the "work is ready" messages ``count`` new tasks call for (work-ready listener): none
-    while the queue level already has enough consumers announced (``workers.announcements``)."""
+    while the queue level already has enough consumers announced (``workers.announcements``),
+    unless the tasks were put back from a ``lost`` holder."""
     svc = services()
-    for token in announcements.claim(svc, queue, level, count):
+    for token in announcements.claim(svc, queue, level, count, lost=lost):
         consume.apply_async((queue, level, token), queue=level_queue(level))
 
 
