@@ -1,18 +1,19 @@
 """How many tasks each owner has open (waiting or running), bounded by
 ``BELLAQ_MAX_OPEN_TASKS_PER_OWNER``.
 
-The counts live in one Redis hash, ``<prefix>:open_tasks`` (owner -> count), so the check costs a
-put one round trip: a put adds its task (refused with 429 when that would pass the bound), batch
-ingest adds each chunk of lines, and the task-end listener takes ended tasks off. SQL stays the
-truth: beat recounts the hash from SQL (one ``GROUP BY``) every engine check, which repairs any
-drift (a process killed between its SQL write and its count, a Redis that lost the hash).
+The counts live in one Redis hash, ``<prefix>:open_tasks`` (owner -> count), so the check costs
+the puts written together (``bellaq.put_group``) one round trip: a put adds its task (refused
+with 429 when that would pass the bound), batch ingest adds each chunk of lines, and the
+task-end listener takes ended tasks off. SQL stays the truth: beat recounts the hash from SQL
+(one ``GROUP BY``) every engine check, which repairs any drift (a process killed between its SQL
+write and its count, a Redis that lost the hash).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -40,16 +41,31 @@ def _refuse(owner: str, limit: int) -> TooMany:
                    "ended.", code="too_many_open_tasks", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def admit(owner: str, n: int = 1) -> None:
-    """Count ``n`` new tasks of ``owner``, or raise 429 if they would pass the bound."""
+def admit_each(owners: Sequence[str]) -> list[TooMany | None]:
+    """Count one new task per entry of ``owners``, all in one round trip: for each, None, or the
+    429 to answer because it would pass its owner's bound (an owner's last entries are the ones
+    refused, and are not counted)."""
     svc = services()
     limit = svc.settings.max_open_tasks_per_owner
-    if limit <= 0:
-        return
-    count = svc.redis.hincrby(_key(), owner, n)
-    if count > limit:
-        svc.redis.hincrby(_key(), owner, -n)
-        raise _refuse(owner, limit)
+    out: list[TooMany | None] = [None] * len(owners)
+    if limit <= 0 or not owners:
+        return out
+    wanted = Counter(owners)
+    pipe = svc.redis.pipeline(transaction=False)
+    for owner, n in wanted.items():
+        pipe.hincrby(_key(), owner, n)
+    counts = dict(zip(wanted, pipe.execute(), strict=True))
+    over = {owner: min(n, counts[owner] - limit) for owner, n in wanted.items() if counts[owner] > limit}
+    if over:
+        pipe = svc.redis.pipeline(transaction=False)
+        for owner, n in over.items():
+            pipe.hincrby(_key(), owner, -n)
+        pipe.execute()
+        for i in reversed(range(len(owners))):
+            if over.get(owners[i], 0) > 0:
+                over[owners[i]] -= 1
+                out[i] = _refuse(owners[i], limit)
+    return out
 
 
 def check(owner: str) -> None:

@@ -1,5 +1,6 @@
 """Group commit of puts: the puts that arrive in one process while a write is under way are
-written together by the first of them, in one SQL transaction (one multi-row INSERT, one
+written together by the first of them: counted against their owners' open-task bounds in one
+Redis round trip, written in one SQL transaction (one multi-row INSERT, one
 commit), then handed to the engine in one round trip per queue level, then announced once per
 queue level. Each put still answers only after its own task is committed and takeable, and
 fails alone when its own part fails (the rows of a level whose enqueue failed are deleted, as a
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from bellaq import open_tasks
 from bellaq.errors import Unavailable
 from bellaq.extensions import db
 from bellaq.models import Task
@@ -123,16 +125,33 @@ def _insert(group: list[PendingPut]) -> list[PendingPut]:
     return written
 
 
+def _admit(group: list[PendingPut]) -> list[PendingPut]:
+    """Count the puts against their owners' open-task bounds; returns those admitted (the rest
+    carry their 429)."""
+    admitted = []
+    for p, refusal in zip(group, open_tasks.admit_each([p.row["owner"] for p in group]), strict=True):
+        if refusal is None:
+            admitted.append(p)
+        else:
+            p.error = refusal
+    return admitted
+
+
 def _write(group: list[PendingPut]) -> None:
     svc = services()
     by_level: dict[tuple[str, int], list[PendingPut]] = defaultdict(list)
+    group = _admit(group)
+    if not group:
+        return
     for p in _insert(group):
         by_level[(p.row["queue"], p.row["level"])].append(p)
     table = Task.__table__
     for (queue, level), puts in by_level.items():
+        # The announcement rides on the enqueue's round trip.
+        rider = svc.work_ready_rider(queue, level, len(puts)) if puts[0].builtin else None
         try:
             svc.engine.enqueue_many(queue, level, [(p.row["id"], p.payload, p.score) for p in puts],
-                                    costs={p.row["id"]: p.cost for p in puts if p.cost})
+                                    costs={p.row["id"]: p.cost for p in puts if p.cost}, rider=rider)
         except RedisError:
             # The engine never saw them: take the rows back so nothing half-written remains.
             with db.engine.begin() as conn:
@@ -140,9 +159,6 @@ def _write(group: list[PendingPut]) -> None:
             for p in puts:
                 p.error = Unavailable("The queue engine (Redis) is unavailable; the task was not accepted.")
             continue
-        if puts[0].builtin:
-            try:
-                svc.work_ready(queue, level, len(puts))
-            except Exception as err:  # noqa: BLE001 - each put of the level answers it, as alone
-                for p in puts:
-                    p.error = err
+        if rider is not None and rider.error is not None:
+            for p in puts:  # each put of the level answers it, as alone
+                p.error = rider.error

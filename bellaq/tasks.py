@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, case, inspect, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
-from bellaq import metrics, open_tasks, token_cost
+from bellaq import metrics, token_cost
 from bellaq.clock import now_ms
 from bellaq.errors import BadRequest, Conflict, NotFound, error_body
 from bellaq.extensions import db
@@ -124,7 +124,6 @@ def put(principal: Principal, body: dict[str, Any], task_id: str | None = None) 
     # Core, not the unit of work: the row is inserted with others waiting in this process (one
     # transaction, one engine round trip per queue level), and nothing is reloaded afterwards.
     task = Task(**row)
-    open_tasks.admit(principal.owner)
     put_group().submit(PendingPut(row, task_payload(task), builtin, queue_cost(queue, endpoint, data)))
     metrics.tasks_put(queue_name, level)
     return task

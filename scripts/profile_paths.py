@@ -53,13 +53,14 @@ def _py_spy() -> str:
     return found
 
 
-def record(pids: dict[str, int], out: str, load: Any) -> None:
-    """Record every pid while ``load()`` runs."""
+def record(pids: dict[str, int], out: str, load: Any, raw: bool = False) -> None:
+    """Record every pid while ``load()`` runs (``raw``: collapsed stacks as text, not an SVG)."""
     spies = []
     for name, pid in pids.items():
-        svg = FLAMES / f"{out}-{name}.svg"
+        svg = FLAMES / f"{out}-{name}.{'txt' if raw else 'svg'}"
         spies.append(subprocess.Popen([_py_spy(), "record", "--pid", str(pid), "--rate", "200",
-                                       "--nonblocking", "--format", "flamegraph", "-o", str(svg)],
+                                       "--nonblocking", "--format", "raw" if raw else "flamegraph",
+                                       "-o", str(svg)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     time.sleep(1.0)  # py-spy attaches
     try:
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="callback puts (default 2000)")
     parser.add_argument("--rtt-n", type=int, default=300, help="sequential blocking puts (default 300)")
     parser.add_argument("--tag", default="now", help="file name prefix (default: now)")
+    parser.add_argument("--raw", action="store_true", help="collapsed stacks (.txt) instead of SVGs")
     args = parser.parse_args()
     raise_nofile()
     FLAMES.mkdir(parents=True, exist_ok=True)
@@ -132,13 +134,14 @@ def main() -> None:
                     _puts(stack.url, user, cb, n, 4)
                     _wait_ended(admin, "prof_cb", n)
 
-                record(pids, f"{args.tag}-{db_name}-put", put_load)
+                record(pids, f"{args.tag}-{db_name}-put", put_load, args.raw)
                 rtt = {"endpoint": CHAT, "queue": "prof_rtt", "response_mode": "blocking", "timeout": 60}
-                record(pids, f"{args.tag}-{db_name}-blocking", lambda: _puts(stack.url, user, rtt, args.rtt_n, 1))
+                record(pids, f"{args.tag}-{db_name}-blocking", lambda: _puts(stack.url, user, rtt, args.rtt_n, 1),
+                       args.raw)
                 admin.close()
             finally:
                 delete_prefix(REDIS_URL, prefix)
-    print(json.dumps(sorted(p.name for p in FLAMES.glob(f"{args.tag}-{db_name}-*.svg"))))
+    print(json.dumps(sorted(p.name for p in FLAMES.glob(f"{args.tag}-{db_name}-*.{'txt' if args.raw else 'svg'}"))))
 
 
 if __name__ == "__main__":

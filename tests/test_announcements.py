@@ -64,6 +64,20 @@ def test_an_announcement_after_redis_forgot_its_scripts_still_counts_and_sends(a
         assert svc.redis.zcard(announcements.key(svc, "flushed", 0)) == 4
 
 
+def test_a_put_after_redis_forgot_its_scripts_is_enqueued_and_announced(app, client, admin, user, broker):
+    """A put's announcement rides on its enqueue's round trip: after SCRIPT FLUSH both scripts
+    are missing there; the enqueue runs again and the claim on a round trip of its own, once each."""
+    from workers import announcements
+
+    _register(client, admin, "flushed_put")
+    svc = app.extensions["bellaq"]
+    svc.redis.script_flush()
+    _put(client, user, "flushed_put", 1)
+    assert broker() == 1
+    assert announcements.live(svc, "flushed_put", 0) == 1
+    assert client.get("/v1/queue/flushed_put:0/stats", headers=admin).json["waiting"] == 1
+
+
 def test_a_lost_announcement_stops_counting_on_its_own(app, client, admin, user, broker):
     import time
 

@@ -94,3 +94,15 @@ def test_the_recount_repairs_counts_from_sql(app, base, make_key):
         assert open_tasks.recount() == {owner: 1}
         assert open_tasks.count("nobody") == 0
     assert put(base, user).status_code == 200
+
+
+def test_puts_written_together_are_admitted_up_to_each_owners_bound(app, base):
+    """The put group counts its puts in one round trip: an owner's puts past the bound, and only
+    those, are refused and not counted; other owners' puts in the same group are not affected."""
+    with app.app_context():
+        open_tasks.added("a", BOUND - 2)
+        answers = open_tasks.admit_each(["a", "b", "a", "a", "a", "b"])
+        assert [refusal is None for refusal in answers] == [True, True, True, False, False, True]
+        for refusal in answers[3:5]:
+            assert refusal.status == 429 and refusal.code == "too_many_open_tasks"
+        assert open_tasks.count("a") == BOUND and open_tasks.count("b") == 2

@@ -20,6 +20,7 @@ import secrets
 import time
 from typing import Any
 
+from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from bellaq.services import Services
@@ -97,24 +98,38 @@ def claim(svc: Services, queue: str, level: int, count: int, *, lost: bool = Fal
     One round trip. With ``lost`` (tasks put back after their holder's lease ran out) the
     ``wanted(count)`` are sent whatever is announced: the dead worker's received messages count
     until their ``WAIT_S`` ends, and would hold the put-back tasks that long."""
-    script = _scripts.get(id(svc.redis))
-    if script is None:
-        script = _scripts[id(svc.redis)] = svc.redis.register_script(_CLAIM)
-    tokens = [new_token() for _ in range(wanted(svc, count))]
-    args = [time.time(), WAIT_S, KEY_TTL_S, 0 if lost else 1, *tokens]
     for attempt in (1, 2):
-        # EVALSHA itself: a Script run through a pipeline first asks SCRIPT EXISTS, a round trip
-        # of its own on every call.
         pipe = svc.redis.pipeline(transaction=False)
-        pipe.evalsha(script.sha, 1, key(svc, queue, level), *args)
-        pipe.publish(channel(svc, queue, level), count)
+        add_claim(svc, pipe, queue, level, count, lost=lost)
         try:
-            added, _ = pipe.execute()
-            break
+            return claimed(pipe.execute())
         except NoScriptError:  # Redis restarted or flushed its scripts: load it and run again
             if attempt == 2:
                 raise
             svc.redis.script_load(_CLAIM)
+    raise AssertionError("unreachable")
+
+
+def add_claim(svc: Services, pipe: Pipeline, queue: str, level: int, count: int, *, lost: bool = False) -> None:
+    """Add :func:`claim`'s two commands to ``pipe`` (another's round trip); :func:`claimed` reads
+    their answers."""
+    script = _scripts.get(id(svc.redis))
+    if script is None:
+        script = _scripts[id(svc.redis)] = svc.redis.register_script(_CLAIM)
+    tokens = [new_token() for _ in range(wanted(svc, count))]
+    # EVALSHA itself: a Script run through a pipeline first asks SCRIPT EXISTS, a round trip of
+    # its own on every call.
+    pipe.evalsha(script.sha, 1, key(svc, queue, level), time.time(), WAIT_S, KEY_TTL_S, 0 if lost else 1, *tokens)
+    pipe.publish(channel(svc, queue, level), count)
+
+
+def claimed(answers: list[Any]) -> list[str]:
+    """The tokens a claim added, from the answers of :func:`add_claim`'s commands (raises what the
+    claim met, e.g. ``NoScriptError``)."""
+    added, published = answers
+    for answer in (added, published):
+        if isinstance(answer, Exception):
+            raise answer
     return [t.decode() if isinstance(t, bytes) else t for t in added]
 
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.client import PubSub
+from redis.client import Pipeline, PubSub
+from redis.exceptions import NoScriptError
 
 from bellaq import metrics, retries
 from bellaq import tasks as task_service
@@ -58,12 +59,32 @@ _pubsubs: list[PubSub] = []  # idle Pub/Sub connections of lingering consumers
 MAX_IDLE_PUBSUBS = 64
 
 
-def announce(queue: str, level: int, count: int = 1, lost: bool = False) -> None:
+def announce(queue: str, level: int, count: int = 1, lost: bool = False,
+             pipe: Pipeline | None = None) -> Callable[[list[Any]], None] | None:
     """Send the "work is ready" messages ``count`` new tasks call for (work-ready listener): none
     while the queue level already has enough consumers announced (``workers.announcements``),
-    unless the tasks were put back from a ``lost`` holder."""
+    unless the tasks were put back from a ``lost`` holder. With ``pipe`` the claim rides on the
+    caller's round trip: the returned function, given the answers of the commands added, sends."""
     svc = services()
-    for token in announcements.claim(svc, queue, level, count, lost=lost):
+    if pipe is None:
+        _send(queue, level, announcements.claim(svc, queue, level, count, lost=lost))
+        return None
+    announcements.add_claim(svc, pipe, queue, level, count, lost=lost)
+
+    def finish(answers: list[Any]) -> None:
+        if not answers:
+            return  # the round trip itself failed: its caller fails with it
+        try:
+            tokens = announcements.claimed(answers)
+        except NoScriptError:  # Redis forgot the script: claim on a round trip of its own
+            tokens = announcements.claim(svc, queue, level, count, lost=lost)
+        _send(queue, level, tokens)
+
+    return finish
+
+
+def _send(queue: str, level: int, tokens: list[str]) -> None:
+    for token in tokens:
         consume.apply_async((queue, level, token), queue=level_queue(level))
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
@@ -35,6 +36,10 @@ from bellaq.queue_engine.records import (
     TakeResult,
 )
 from bellaq.queue_engine.scripts import SCRIPTS, load_lua
+
+# Commands of another party riding on an engine round trip: called with the pipeline, it adds
+# them and returns what to call with their answers.
+Rider = Callable[[Pipeline], Callable[[list[Any]], None]]
 
 DONE_TTL_MS = 24 * 3600 * 1000
 ENQUEUE_CHUNK = 500
@@ -103,11 +108,24 @@ class QueueEngine:
         return self._scripts[name](keys=keys, args=args)
 
     def _run_pipelined(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]], register: str | None = None
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]], register: str | None = None,
+        rider: Rider | None = None,
     ) -> list[Any]:
         """Run script ``name`` once per ``(keys, args)`` in one round trip (after SADD of
         ``register`` to the queue registry, if given). Calls that met a Redis that had forgotten
-        the script are run again after it is reloaded; the others ran exactly once."""
+        the script are run again after it is reloaded; the others ran exactly once. ``rider``
+        adds commands of its own after the first pass's, and what it returns is called with their
+        answers (with none if the round trip failed), whatever happens to the script calls."""
+        finishes: list[Callable[[list[Any]], None]] = []
+        rode: list[Any] = []
+        try:
+            return self._pipelined(name, calls, register, rider, finishes, rode)
+        finally:
+            for finish in finishes:
+                finish(rode)
+
+    def _pipelined(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]], register: str | None,
+                   rider: Rider | None, finishes: list[Callable[[list[Any]], None]], rode: list[Any]) -> list[Any]:
         script = self._scripts[name]
         out: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -118,7 +136,15 @@ class QueueEngine:
             for i in pending:
                 keys, args = calls[i]
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
+            riding = 0
+            if rider is not None:
+                before = len(pipe)
+                finishes.append(rider(pipe))
+                riding, rider = len(pipe) - before, None
             answers = pipe.execute(raise_on_error=False)
+            if riding:
+                rode += answers[-riding:]
+                del answers[-riding:]
             if register is not None:
                 registered, *answers = answers
                 if isinstance(registered, Exception):
@@ -170,8 +196,10 @@ class QueueEngine:
         items: Sequence[tuple[str, str, float | None]],
         attempts: Mapping[str, int] | None = None,
         costs: Mapping[str, int] | None = None,
+        rider: Rider | None = None,
     ) -> int:
-        """Add ``(task_id, payload, score)`` items in chunks; returns how many were new."""
+        """Add ``(task_id, payload, score)`` items in chunks; returns how many were new.
+        ``rider``'s commands go in the same round trip, after the items (see ``_run_pipelined``)."""
         keys = self._keys("enqueue", queue, level)
         attempts = attempts or {}
         costs = costs or {}
@@ -183,7 +211,7 @@ class QueueEngine:
             calls.append((keys, args))
         if not calls:
             return 0
-        return sum(int(n) for n in self._run_pipelined("enqueue", calls, register=f"{queue}:{level}"))
+        return sum(int(n) for n in self._run_pipelined("enqueue", calls, register=f"{queue}:{level}", rider=rider))
 
     # ----------------------------------------------------------------- take
     def take(
