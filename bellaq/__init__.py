@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     from bellaq.extensions import db
     from bellaq.online import publish_completions
     from bellaq.services import build_services
-    from bellaq.sql_pool import engine_options, install
+    from bellaq.sql_pool import autocommit_twin, engine_options, install
     from bellaq.validation import check_path_values
 
     settings = settings or Settings.from_env()
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None, plugins: Iterable[Plugin] = ())
     db.init_app(app)
     with app.app_context():
         install(db.engine)
+        app.extensions["bellaq.autocommit_engine"] = autocommit_twin(db.engine)
     svc = build_services(settings)
     app.extensions["bellaq"] = svc
     bus = app.extensions["bellaq.eventbus"] = EventBus(svc.redis, settings.redis_prefix, svc.instance_id)

@@ -95,8 +95,9 @@ def _insert_rows(rows: list[dict[str, Any]]) -> None:
     the same table's indexes meet the insert's), or one on a connection found dead (the server
     restarted or killed it: the next one is new)."""
     table = Task.__table__
+    engine = current_app.extensions["bellaq.autocommit_engine"]  # one round trip on MySQL (bellaq.sql_pool)
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        with db.engine.connect() as conn:
+        with engine.connect() as conn:
             try:
                 conn.execute(insert(table), rows)
                 conn.commit()

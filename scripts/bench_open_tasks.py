@@ -96,6 +96,7 @@ def run(url: str, open_n: int, owners: int, n: int) -> dict:
         with app.app_context():
             db.session.remove()
             db.engine.dispose()
+            app.extensions["bellaq.autocommit_engine"].dispose()
 
 
 def main() -> None:

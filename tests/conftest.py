@@ -107,6 +107,7 @@ def running_app(settings: Settings) -> Iterator[Flask]:
 
         db.session.remove()
         db.engine.dispose()
+        app.extensions["bellaq.autocommit_engine"].dispose()
 
 
 @pytest.fixture

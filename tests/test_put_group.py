@@ -60,7 +60,9 @@ def _statements(app):
 
     seen: list[str] = []
     with app.app_context():
-        event.listen(db.engine, "before_cursor_execute", lambda _c, _cur, stmt, *_a: seen.append(stmt))
+        # Puts are written on the autocommit twin (the engine itself on SQLite).
+        for engine in {db.engine, app.extensions["bellaq.autocommit_engine"]}:
+            event.listen(engine, "before_cursor_execute", lambda _c, _cur, stmt, *_a: seen.append(stmt))
     return seen
 
 

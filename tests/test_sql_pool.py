@@ -108,3 +108,37 @@ def test_a_connection_the_server_killed_fails_at_most_one_request(tmp_path, redi
         task_id = again.json["data"]
         answers = [client.get(f"/v1/queue/{task_id}", headers=user).status_code for _ in range(2)]
         assert answers in ([200, 200], [503, 200]), answers
+
+
+@pytest.mark.mysql
+def test_a_put_on_mariadb_is_one_statement_that_commits_itself(tmp_path, redis_prefix, mysql_url):
+    """The put group's INSERT runs on the autocommit twin: no COMMIT (nor ROLLBACK) is sent, and
+    the row is there for every other connection at once."""
+    from bellaq.keys import create_key
+    from tests.conftest import auth, make_settings, running_app
+
+    def sent() -> dict[str, int]:
+        other = pymysql.connect(host=MYSQL_HOST, user="root", password="", autocommit=True)
+        with other.cursor() as cur:
+            cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('Com_commit', 'Com_rollback', 'Com_insert')")
+            counts = {name: int(value) for name, value in cur.fetchall()}
+        other.close()
+        return counts
+
+    with running_app(make_settings(tmp_path, redis_prefix, mysql_url)) as app:
+        client = app.test_client()
+        with app.app_context():
+            _row_, raw = create_key("u", "user")
+        user = auth(raw)
+        assert client.post("/v1/queue/register", headers=auth("bq-test-admin-key"),
+                           json={"queue": "ac", "endpoint": CHAT, "builtin": False}).status_code == 200
+        body = {"endpoint": CHAT, "queue": "ac", "callback_url": "http://127.0.0.1:9/cb",
+                "data": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+        assert client.post("/v1/queue/put", headers=user, json=body).status_code == 200  # the key is cached
+        before = sent()
+        ids = [client.post("/v1/queue/put", headers=user, json=body).json["data"] for _ in range(5)]
+        after = sent()
+        assert after["Com_insert"] - before["Com_insert"] == 5
+        assert after["Com_commit"] == before["Com_commit"] and after["Com_rollback"] == before["Com_rollback"]
+        with app.app_context():
+            assert all(_count(task_id) == 1 for task_id in ids)
