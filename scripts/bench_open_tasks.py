@@ -5,7 +5,7 @@
 Fills a fresh database with ``--open`` open tasks spread over ``--owners`` owners (one of them
 holding half), then times, with the app's own code:
 
-- ``admit``: what a put pays, ``open_tasks.admit`` (one HINCRBY on Redis), then its undo;
+- ``admit``: what a put pays, ``open_tasks.admit_each`` (one HINCRBY on Redis), then its undo;
 - ``indexed_count``: the alternative, ``SELECT COUNT(*) ... WHERE owner = ? AND status IN (open)``
   for the biggest owner, on the ``owner`` index;
 - ``recount``: beat's repair, ``open_tasks.recount`` (one GROUP BY over open tasks, one pipeline).
@@ -74,7 +74,7 @@ def run(url: str, open_n: int, owners: int, n: int) -> dict:
             settings.max_open_tasks_per_owner = open_n * 2
 
             def admit() -> None:
-                open_tasks.admit(big)
+                open_tasks.admit_each([big])
                 open_tasks.added(big, -1)
 
             def indexed_count() -> None:
