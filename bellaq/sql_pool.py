@@ -71,10 +71,10 @@ def autocommit_twin(engine: Engine) -> Engine:
     single-statement writes; ``engine`` itself on SQLite (its commit is no round trip). Its
     ``commit()`` and ``rollback()`` send nothing: in autocommit mode there is never a transaction
     for them to end, and the driver would still send each as a statement."""
-    url = engine.url.render_as_string(hide_password=False)
-    if url.startswith("sqlite"):
+    if engine.dialect.name == "sqlite":
         return engine
-    options = {**engine_options(url), "pool_size": 2, "max_overflow": 8, "isolation_level": "AUTOCOMMIT"}
+    options = {**engine_options(engine.url.drivername), "pool_size": 2, "max_overflow": 8,
+               "isolation_level": "AUTOCOMMIT"}
     twin = create_engine(engine.url, **options)
     twin.dialect.do_commit = twin.dialect.do_rollback = _nothing  # type: ignore[method-assign]
     event.listen(twin.pool, "checkin", _checkin)

@@ -116,52 +116,48 @@ class QueueEngine:
         the script are run again after it is reloaded; the others ran exactly once. ``rider``
         adds commands of its own after the first pass's, and what it returns is called with their
         answers (with none if the round trip failed), whatever happens to the script calls."""
-        finishes: list[Callable[[list[Any]], None]] = []
+        finish: Callable[[list[Any]], None] | None = None
         rode: list[Any] = []
         try:
-            return self._pipelined(name, calls, register, rider, finishes, rode)
+            script = self._scripts[name]
+            out: list[Any] = [None] * len(calls)
+            pending = list(range(len(calls)))
+            for _ in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                if register is not None:
+                    pipe.sadd(self.queues_key, register)
+                for i in pending:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                riding = 0
+                if rider is not None:
+                    before = len(pipe)
+                    finish, rider = rider(pipe), None
+                    riding = len(pipe) - before
+                answers = pipe.execute(raise_on_error=False)
+                if riding:
+                    rode += answers[-riding:]
+                    del answers[-riding:]
+                if register is not None:
+                    registered, *answers = answers
+                    if isinstance(registered, Exception):
+                        raise registered
+                missing = []
+                for i, answer in zip(pending, answers, strict=True):
+                    if isinstance(answer, NoScriptError):
+                        missing.append(i)
+                    elif isinstance(answer, Exception):
+                        raise answer
+                    else:
+                        out[i] = answer
+                if not missing:
+                    return out
+                script.sha = self.redis.script_load(script.script)
+                pending, register = missing, None
+            raise RuntimeError(f"could not load Lua script {name}")  # pragma: no cover
         finally:
-            for finish in finishes:
+            if finish is not None:
                 finish(rode)
-
-    def _pipelined(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]], register: str | None,
-                   rider: Rider | None, finishes: list[Callable[[list[Any]], None]], rode: list[Any]) -> list[Any]:
-        script = self._scripts[name]
-        out: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
-        for _ in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            if register is not None:
-                pipe.sadd(self.queues_key, register)
-            for i in pending:
-                keys, args = calls[i]
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            riding = 0
-            if rider is not None:
-                before = len(pipe)
-                finishes.append(rider(pipe))
-                riding, rider = len(pipe) - before, None
-            answers = pipe.execute(raise_on_error=False)
-            if riding:
-                rode += answers[-riding:]
-                del answers[-riding:]
-            if register is not None:
-                registered, *answers = answers
-                if isinstance(registered, Exception):
-                    raise registered
-            missing = []
-            for i, answer in zip(pending, answers, strict=True):
-                if isinstance(answer, NoScriptError):
-                    missing.append(i)
-                elif isinstance(answer, Exception):
-                    raise answer
-                else:
-                    out[i] = answer
-            if not missing:
-                return out
-            script.sha = self.redis.script_load(script.script)
-            pending, register = missing, None
-        raise RuntimeError(f"could not load Lua script {name}")  # pragma: no cover
 
     # -------------------------------------------------------------- enqueue
     @staticmethod
