@@ -514,13 +514,15 @@ class Taken:
 
 def take_within_limits(queues: Sequence[tuple[str, int]], size: int, strategy: str = "fifo",
                        process_timeout: float = 300, max_retries: int = 3, lease: float | None = None,
-                       holder: str = BUILTIN_HOLDER) -> Taken:
-    """:func:`take`, also saying whether the queue's limits held work back and until when."""
+                       holder: str = BUILTIN_HOLDER, start: Callable[[list[dict[str, Any]]], object] | None = None
+                       ) -> Taken:
+    """:func:`take`, also saying whether the queue's limits held work back and until when.
+    ``start`` is :func:`mark_taken`'s."""
     lease_ms = None if lease is None else max(1, round(min(lease, process_timeout) * 1000))
     hinted = services().engine.take_with_hint(queues, size, strategy, process_timeout, max_retries,
                                               lease_ms=lease_ms, holder=holder)
     retry_s = None if hinted.retry_ms is None else hinted.retry_ms / 1000
-    return Taken(mark_taken(hinted.tasks), retry_s, hinted.limited)
+    return Taken(mark_taken(hinted.tasks, start), retry_s, hinted.limited)
 
 
 def claim_comeback(queue: str, level: int, after_s: float) -> bool:
@@ -537,10 +539,15 @@ def next_due_s(queue: str, level: int) -> float | None:
     return None if due_ms is None else due_ms / 1000
 
 
-def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
+def mark_taken(taken: Iterable[TakenTask], start: Callable[[list[dict[str, Any]]], object] | None = None
+               ) -> list[dict[str, Any]]:
     """Write the taken tasks as ``queued`` (attempts, running time) and return them as task
     objects; overdue ones end as ``timeout`` instead. Only rows still open change: a task ended
-    meanwhile (a cancel between the take and this write) is not reopened."""
+    meanwhile (a cancel between the take and this write) is not reopened.
+
+    ``start`` (a built-in worker's) is given the task objects before the SQL write, so their
+    requests run while it is made; the caller completes them only after this returns, so a
+    task's end is always written after its mark."""
     taken = list(taken)
     metrics.tasks_taken(taken)
     now = now_ms()
@@ -554,6 +561,8 @@ def mark_taken(taken: Iterable[TakenTask]) -> list[dict[str, Any]]:
         task.update(status=TaskStatus.QUEUED, attempts=item.attempts, running_time=now, result=None,
                     completed_time=None)
         out.append(task)
+    if out and start is not None:
+        start(out)
     if out:
         # One UPDATE per attempts value (nearly always one): one statement, not one per task,
         # which is a round trip each on MySQL.

@@ -331,3 +331,41 @@ def test_a_recorded_cancel_is_answered_with_the_broker_down_and_the_sweep_ends_i
     expire_batches.delay()
     batch = wait_for(lambda: (b := state(app, created["id"]))["status"] == "cancelled" and b, timeout=30)
     assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 3}
+
+
+def test_an_ingest_waiting_on_redis_holds_no_write_lock(bound, client, user, monkeypatch):
+    """Every wait of an ingest on Redis comes after a commit: a writer of the same database (in a
+    gevent worker, another greenlet of the same process, whose lock wait would stall them all)
+    gets its write through at once. The batch turning ``in_progress`` once wrote the status a
+    second time, through the ORM, and held SQLite's write lock across the next Redis calls."""
+    from sqlalchemy import update
+    from sqlalchemy.exc import OperationalError as SQLError
+
+    from bellaq.batches import progress
+
+    created = create_batch(client, user, jsonl([chat_line(f"r{i}") for i in range(3)]))
+    writes: list[str] = []
+    announce = progress.changed
+
+    def changed(batch_id: str, *args: object, **kwargs: object) -> None:
+        with db.engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            no_wait, usual = (("PRAGMA busy_timeout=0", "PRAGMA busy_timeout=30000") if sqlite else
+                              ("SET SESSION innodb_lock_wait_timeout=1", "SET SESSION innodb_lock_wait_timeout=50"))
+            conn.exec_driver_sql(no_wait)
+            try:
+                conn.execute(update(Batch).where(Batch.id == batch_id).values(status=Batch.status))
+                conn.commit()
+                writes.append("written")
+            except SQLError as err:
+                conn.rollback()
+                writes.append(str(err.orig))
+            finally:
+                conn.exec_driver_sql(usual)
+        announce(batch_id, *args, **kwargs)
+
+    monkeypatch.setattr(progress, "changed", changed)
+    with bound.app_context():
+        assert ingest.run(created["id"]) == "ingested"
+    assert writes and set(writes) == {"written"}, writes
+    assert state(bound, created["id"])["status"] == "in_progress"

@@ -204,3 +204,24 @@ def test_a_builtin_worker_renews_a_lease_shorter_than_its_request(app, client, u
     task = wait_for(ended, timeout=30, interval=0.2, message="the slow task to end")
     assert task["status"] == "succeeded" and task["attempts"] == 1
     assert sum(reaped) == 0 and mock_upstream.request_count == 1
+
+
+def test_a_take_starts_its_tasks_before_their_mark_is_written(app, client, user, ext):
+    """A built-in worker's requests go out while the take's SQL mark is written: ``start`` sees
+    the task objects as they will be, the rows still waiting; the take returns them marked."""
+    task_id = put_ext(client, user)
+    seen: list[tuple[list[dict], str]] = []
+
+    def start(tasks: list[dict]) -> None:
+        with db.engine.connect() as conn:
+            status = conn.execute(db.select(Task.status).where(Task.id == task_id)).scalar_one()
+        seen.append((tasks, status))
+
+    with app.app_context():
+        got = task_service.take_within_limits([("ext", 1)], 10, start=start)
+        row = db.session.get(Task, task_id)
+        assert (row.status, row.attempts) == ("queued", 1) and row.running_time is not None
+    [(started, status_then)] = seen
+    assert status_then == "waiting"
+    assert started == got.tasks and [t["task_id"] for t in started] == [task_id]
+    assert started[0]["status"] == "queued" and started[0]["running_time"] == row.running_time

@@ -266,12 +266,16 @@ class _Drain:
         free = self.slots - len(self.inflight)
         if free <= 0:
             return
+        # MariaDB/MySQL: the requests go out while the take's SQL mark is written (its driver
+        # yields); SQLite's write holds the whole process, so there they start after it.
+        early = self.start if self.writes_aside else None
         got = task_service.take_within_limits([(self.queue, self.level)], free,
                                               self.config["strategy"], self.svc.settings.default_process_timeout,
                                               self.svc.settings.default_max_retries, self.svc.settings.worker_lease,
-                                              leases.renewer().holder)
+                                              leases.renewer().holder, early)
+        if early is None:
+            self.start(got.tasks)
         self.taken += len(got.tasks)
-        self.start(got.tasks)
         if got.limited:
             if got.retry_s is not None:
                 self.resume_at = now + got.retry_s
@@ -288,7 +292,8 @@ class _Drain:
             self.announce_progress(len(got.tasks))
 
     def start(self, tasks: list[dict]) -> None:
-        """Send the taken tasks' requests."""
+        """Send the taken tasks' requests (on MariaDB/MySQL before their SQL mark is written,
+        see :func:`task_service.mark_taken`)."""
         leases.renewer().hold(tasks)
         self.leased += [task["task_id"] for task in tasks]
         for task in tasks:

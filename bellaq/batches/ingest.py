@@ -30,6 +30,7 @@ from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from sqlalchemy import func, insert, update
 from sqlalchemy.exc import InterfaceError, SQLAlchemyError
 from sqlalchemy.exc import OperationalError as SQLError
+from sqlalchemy.orm.attributes import set_committed_value
 
 from bellaq import files, metrics, open_tasks
 from bellaq.batches import progress
@@ -352,11 +353,15 @@ def _flush(batch: Batch, rows: list[dict[str, Any]], bodies: list[Any], base_sco
 def _mark_running(batch: Batch) -> None:
     """``in_progress`` once some of the batch's tasks can run."""
     if batch.status == BatchStatus.VALIDATING:
-        db.session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == BatchStatus.VALIDATING)
-                           .values(status=BatchStatus.IN_PROGRESS, in_progress_at=now_s()))
+        batch_id, at = batch.id, now_s()
+        db.session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
+                           .values(status=BatchStatus.IN_PROGRESS, in_progress_at=at))
         db.session.commit()
-        batch.status = BatchStatus.IN_PROGRESS
-        progress.changed(batch.id)
+        # Not ``batch.status = ...``: the next flush would write the row again and hold the write
+        # lock (SQLite: the whole database) across the Redis calls until the next commit.
+        set_committed_value(batch, "status", BatchStatus.IN_PROGRESS)
+        set_committed_value(batch, "in_progress_at", at)
+        progress.changed(batch_id)
 
 
 def _reenqueue_waiting(batch: Batch, builtin: bool) -> None:
