@@ -13,8 +13,10 @@ import time
 import pytest
 import redis
 from kombu.exceptions import OperationalError
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError as SQLError
 
-from bellaq.batches import ingest, service, sweep, validation
+from bellaq.batches import ingest, progress, service, sweep, validation
 from bellaq.extensions import db
 from bellaq.models import Batch, Task
 from tests.batch_fixtures import (  # noqa: F401  (bound_app and ext_queue are fixtures)
@@ -338,11 +340,6 @@ def test_an_ingest_waiting_on_redis_holds_no_write_lock(bound, client, user, mon
     gevent worker, another greenlet of the same process, whose lock wait would stall them all)
     gets its write through at once. The batch turning ``in_progress`` once wrote the status a
     second time, through the ORM, and held SQLite's write lock across the next Redis calls."""
-    from sqlalchemy import update
-    from sqlalchemy.exc import OperationalError as SQLError
-
-    from bellaq.batches import progress
-
     created = create_batch(client, user, jsonl([chat_line(f"r{i}") for i in range(3)]))
     writes: list[str] = []
     announce = progress.changed

@@ -245,9 +245,11 @@ class _Drain:
         self.refreshed = 0.0  # the first take marks this consumer alive
         self.looked = 0.0  # when the Celery queues this consumer yields to were last looked at
         self.pubsub: PubSub | None = None  # subscribed to the level's channel once it lingered
-        # Online tasks' SQL writes run aside (not on SQLite: one process's concurrent writers wait
-        # on its write lock without yielding), so the next take need not wait for them.
-        self.writes_aside = not svc.settings.database_url.startswith("sqlite")
+        # Whether this process's SQL waits yield to other greenlets (MariaDB/MySQL; not SQLite,
+        # whose write and lock waits hold the whole process). When they do, online tasks' SQL
+        # writes run aside, so the next take need not wait for them, and a take's requests go
+        # out while its mark is written.
+        self.sql_yields = not svc.settings.database_url.startswith("sqlite")
         self.writes: list[Future] = []  # those still running
 
     def come_back(self, at: float) -> None:
@@ -266,9 +268,7 @@ class _Drain:
         free = self.slots - len(self.inflight)
         if free <= 0:
             return
-        # MariaDB/MySQL: the requests go out while the take's SQL mark is written (its driver
-        # yields); SQLite's write holds the whole process, so there they start after it.
-        early = self.start if self.writes_aside else None
+        early = self.start if self.sql_yields else None
         got = task_service.take_within_limits([(self.queue, self.level)], free,
                                               self.config["strategy"], self.svc.settings.default_process_timeout,
                                               self.svc.settings.default_max_retries, self.svc.settings.worker_lease,
@@ -358,7 +358,7 @@ class _Drain:
                 (online if task["response_mode"] != "callback" else self.finished)[task["task_id"]] = \
                     ending[task["task_id"]]
         if online:
-            task_service.complete_many(online, taken, self.write_aside if self.writes_aside else None)
+            task_service.complete_many(online, taken, self.write_aside if self.sql_yields else None)
         if len(self.finished) >= self.slots:
             self.flush()
 
